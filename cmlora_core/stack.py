@@ -1,0 +1,96 @@
+"""The LoRA stack: an ordered, immutable list of LoRA entries and their settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .errors import CMLoRAError
+
+CATEGORIES = ("auto", "character", "clothing", "style", "background", "object")
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """One LoRA of a stack.
+
+    ``name`` is the file name as the host lists it (``loras`` folder), ``path`` the resolved
+    file; ``category`` one of CATEGORIES; ``concept`` the prompt words the LoRA depicts;
+    ``trigger`` its trigger words (from the file's metadata when left empty by the user).
+    """
+
+    name: str
+    path: str
+    strength_model: float = 1.0
+    strength_clip: float = 1.0
+    enabled: bool = True
+    category: str = "auto"
+    concept: str = ""
+    trigger: str = ""
+    info: object = None  # LoraFileInfo, kept for reports
+
+    @property
+    def active_model(self) -> bool:
+        return self.enabled and self.strength_model != 0.0
+
+    @property
+    def active_clip(self) -> bool:
+        return self.enabled and self.strength_clip != 0.0
+
+
+@dataclass(frozen=True)
+class LoraStack:
+    """An ordered tuple of entries; chaining stack nodes appends in graph order."""
+
+    entries: tuple[LoraEntry, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def append(self, entry: LoraEntry, node: str = "CMLoRA LoRA Stack") -> "LoraStack":
+        for e in self.entries:
+            if os_same(e.path, entry.path):
+                raise CMLoRAError(
+                    node, "lora_name",
+                    f"LoRA '{entry.name}' is already in this stack (entry {self.entries.index(e) + 1}).",
+                    "remove the duplicate node or pick another LoRA; to make one LoRA stronger, raise its strength.")
+        return LoraStack(self.entries + (entry,))
+
+    def model_entries(self) -> tuple[LoraEntry, ...]:
+        """Entries that change the diffusion model (enabled, strength_model != 0)."""
+        return tuple(e for e in self.entries if e.active_model)
+
+    def clip_entries(self) -> tuple[LoraEntry, ...]:
+        return tuple(e for e in self.entries if e.active_clip)
+
+    def with_entry(self, index: int, **changes) -> "LoraStack":
+        entries = list(self.entries)
+        entries[index] = replace(entries[index], **changes)
+        return LoraStack(tuple(entries))
+
+    def signature(self) -> tuple:
+        """Identity of the model-side composition (used to tie schedules to a stack)."""
+        return tuple((e.name, round(e.strength_model, 6)) for e in self.model_entries())
+
+
+def os_same(a: str, b: str) -> bool:
+    import os
+
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def require_model_entries(stack: LoraStack | None, node: str, input: str = "stack") -> tuple[LoraEntry, ...]:
+    """The entries a method composes, or a clear error when there are none."""
+    if stack is None or len(stack) == 0:
+        raise CMLoRAError(node, input, "the LoRA stack is empty.",
+                          "connect a 'CMLoRA LoRA Stack' node with at least one LoRA.")
+    entries = stack.model_entries()
+    if not entries:
+        skipped = ", ".join(f"'{e.name}' ({'disabled' if not e.enabled else 'strength_model 0'})" for e in stack)
+        raise CMLoRAError(node, input, f"every LoRA in the stack is inactive: {skipped}.",
+                          "enable at least one entry and give it a non-zero strength_model.")
+    return entries

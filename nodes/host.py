@@ -1,0 +1,129 @@
+"""The one module of the pack that imports ComfyUI (``comfy``, ``folder_paths``, ``latent_preview``).
+
+Everything the pack needs from the host goes through here, so a host change lands in one
+file. Features are detected, never inferred from version strings.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import comfy.float
+import comfy.weight_adapter
+import folder_paths
+import latent_preview
+from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401  (re-exported to the node modules)
+
+WrappersMP = comfy.patcher_extension.WrappersMP
+PatcherInjection = comfy.patcher_extension.PatcherInjection
+LoRAAdapter = comfy.weight_adapter.LoRAAdapter
+SAMPLER_NAMES = comfy.samplers.KSampler.SAMPLERS
+SCHEDULER_NAMES = comfy.samplers.KSampler.SCHEDULERS
+calculate_weight = comfy.lora.calculate_weight
+get_attr = comfy.utils.get_attr
+set_attr_param = comfy.utils.set_attr_param
+set_attr = comfy.utils.set_attr
+get_key_weight = comfy.model_patcher.get_key_weight
+string_to_seed = comfy.model_patcher.string_to_seed
+stochastic_rounding = comfy.float.stochastic_rounding
+ProgressBar = comfy.utils.ProgressBar
+
+
+def lora_names() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_path(name: str) -> str | None:
+    return folder_paths.get_full_path("loras", name)
+
+
+def load_file(path: str) -> dict[str, torch.Tensor]:
+    return comfy.utils.load_torch_file(path, safe_load=True)
+
+
+def throw_if_interrupted() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+class _NotLoaded(logging.Filter):
+    """Collects the host's "lora key not loaded" warnings instead of printing them."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys: list[str] = []
+
+    def filter(self, record):
+        msg = record.getMessage()
+        if msg.startswith("lora key not loaded: "):
+            self.keys.append(msg[len("lora key not loaded: "):])
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _collect_not_loaded():
+    flt = _NotLoaded()
+    root = logging.getLogger()
+    root.addFilter(flt)
+    try:
+        yield flt
+    finally:
+        root.removeFilter(flt)
+
+
+def unet_key_map(model_patcher) -> dict:
+    return comfy.lora.model_lora_keys_unet(model_patcher.model, {})
+
+
+def clip_key_map(clip) -> dict:
+    return comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+
+
+def map_lora(tensors: dict, key_map: dict) -> tuple[dict, list[str]]:
+    """The host's own parsing: (patches keyed by model key, file keys it could not place).
+
+    Runs ``convert_lora`` and ``load_lora`` exactly as ``LoraLoader`` does; the second value
+    is the host's own list of unconsumed file keys.
+    """
+    converted = comfy.lora_convert.convert_lora(tensors)
+    with _collect_not_loaded() as flt:
+        patches = comfy.lora.load_lora(converted, key_map)
+    return patches, flt.keys
+
+
+def model_state_shapes(model_patcher) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in model_patcher.model.state_dict().items()}
+
+
+def clip_state_shapes(clip) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in clip.cond_stage_model.state_dict().items()}
+
+
+def ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, denoise=1.0):
+    """The stock KSampler's sampling path (noise, preview callback, progress bar)."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    callback = latent_preview.prepare_callback(model, steps)
+    samples = comfy.sample.sample(
+        model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+        denoise=denoise, noise_mask=latent.get("noise_mask"), callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = latent.copy()
+    out["samples"] = samples
+    return out
+
+
+def model_family(model_patcher) -> str:
+    """A short name of the base model (for messages), e.g. 'SD15', 'SDXL'."""
+    config = getattr(model_patcher.model, "model_config", None)
+    return type(config).__name__ if config is not None else type(model_patcher.model).__name__

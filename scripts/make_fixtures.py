@@ -1,0 +1,334 @@
+"""Build random-weight models and LoRA files with real architectures and real file formats.
+
+No weights can be downloaded on the machines this project is developed and tested on, so
+the demo and the tests make their own: a checkpoint with the SD1.5 architecture (its real
+widths, fewer levels and blocks) that the host's CheckpointLoaderSimple detects and loads,
+with a full-size CLIP-L text encoder and SD VAE; a tiny SDXL-architecture diffusion model;
+and LoRA files for them in the formats artists download (kohya, LoCon, diffusers/PEFT,
+LyCORIS LoHa and LoKr). LoRA key names are taken from the host's own key map, so every
+file exercises the host's loader exactly as a downloaded one would.
+
+Run with the host importable (``scripts/host_env.sh`` sets this up)::
+
+    python scripts/make_fixtures.py --models-dir /path/to/ComfyUI/models
+
+Files are only rewritten when missing or when FIXTURE_VERSION changes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+log = logging.getLogger("cmlora.fixtures")
+
+FIXTURE_VERSION = "3"
+CHECKPOINT = "cmlora_tiny_sd15.safetensors"
+SDXL_UNET = "cmlora_tiny_sdxl_unet.safetensors"
+
+# SD1.5's widths (detection needs model_channels 320, context_dim 768) with three levels of
+# one block each instead of four levels of two: the latent is divided by 4 at the deepest
+# level, so 1/32-resolution attention layers exist as in the real model.
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [1, 1, 1], "transformer_depth": [1, 1, 1], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
+    "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+# The SDXL architecture (linear projections, ADM label embedding, context 2048, head
+# channels 64, no attention at the first level) at a width small enough for the CPU.
+SDXL_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+    "model_channels": 64, "num_res_blocks": [1, 1], "transformer_depth": [0, 1],
+    "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_head_channels": 32, "transformer_depth_output": [0, 0, 1, 1],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def _init_(module: torch.nn.Module, seed: int) -> None:
+    """Deterministic, well-scaled random init (host layers are created uninitialised)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+            elif name.endswith("weight") and ("norm" in name or "ln" in name.split(".")[-2]):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        for name, b in module.named_buffers():
+            if "position_ids" in name:
+                b.copy_(torch.arange(b.shape[-1]).expand_as(b))
+
+
+def _sd15_parts(seed: int = 0):
+    import comfy.sd1_clip
+    import comfy.supported_models
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    config = comfy.supported_models.SD15(dict(SD15_UNET))
+    model = config.get_model({}, device="cpu")
+    _init_(model.diffusion_model, seed)
+    clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
+    _init_(clip, seed + 1)
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+                "dropout": 0.0}
+    vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    _init_(vae, seed + 2)
+    return model, clip, vae
+
+
+def make_sd15_checkpoint(path: Path, seed: int = 0) -> None:
+    model, clip, vae = _sd15_parts(seed)
+    sd = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()
+          if v.dtype.is_floating_point}
+    save_file(sd, str(path), metadata={"cmlora_fixture": FIXTURE_VERSION, "modelspec.architecture": "stable-diffusion-v1"})
+
+
+def make_sdxl_unet(path: Path, seed: int = 10) -> None:
+    import comfy.supported_models
+
+    config = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG))
+    model = config.get_model({}, device="cpu")
+    _init_(model.diffusion_model, seed)
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.diffusion_model.state_dict().items()}
+    save_file(sd, str(path), metadata={"cmlora_fixture": FIXTURE_VERSION})
+
+
+def load_sdxl_unet(path: Path):
+    """The tiny SDXL model as a ModelPatcher, built with the host's SDXL model class."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.utils
+
+    config = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device="cpu")
+    model.diffusion_model.load_state_dict(comfy.utils.load_torch_file(str(path)))
+    model.diffusion_model.float()
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- LoRA files
+
+def _inverse_key_map(key_map: dict) -> dict[str, list[str]]:
+    inverse: dict[str, list[str]] = {}
+    for lora_key, model_key in key_map.items():
+        if isinstance(model_key, str):
+            inverse.setdefault(model_key, []).append(lora_key)
+    return inverse
+
+
+def _pick(names: list[str], style: str) -> str | None:
+    for n in names:
+        if style == "kohya" and n.startswith(("lora_unet_", "lora_te_")) and "input_blocks" not in n \
+                and "output_blocks" not in n and "middle_block" not in n:
+            return n
+        if style == "kohya_ldm" and n.startswith("lora_unet_") and ("_blocks_" in n or "middle_block" in n):
+            return n
+        if style == "peft" and n.startswith(("unet.", "text_encoder.")):
+            return n
+    return None
+
+
+def _targets(model_sd: dict, include_conv: bool, include_ff: bool = True, only: str | None = None):
+    """Model keys a typical LoRA trains: attention projections, feed-forward, (conv)."""
+    out = []
+    for k, v in model_sd.items():
+        if not k.endswith(".weight"):
+            continue
+        if only is not None and only not in k:
+            continue
+        attn = any(s in k for s in (".to_q.", ".to_k.", ".to_v.", ".to_out.0.", "q_proj", "k_proj", "v_proj", "out_proj"))
+        ff = include_ff and (".ff.net." in k or "mlp.fc" in k) and v.ndim == 2
+        conv = include_conv and v.ndim == 4 and ("in_layers" in k or "out_layers" in k)
+        if attn or ff or conv:
+            out.append(k)
+    return sorted(out)
+
+
+def write_lora(path: Path, model_sd: dict, key_map: dict, *, fmt: str, rank: int = 4, seed: int = 0,
+               scale: float = 0.5, targets: list[str] | None = None, trigger: str | None = None,
+               up_init=None) -> dict:
+    """Write one LoRA file for the model whose state dict and host key map are given.
+
+    fmt: kohya | locon | peft | loha | lokr. ``up_init(model_key, shape)`` may fix the up
+    matrices (used to build LoRAs with known spectra). Returns the safetensors dict.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    inverse = _inverse_key_map(key_map)
+    if targets is None:
+        targets = _targets(model_sd, include_conv=fmt in ("locon", "loha", "lokr"))
+    style = {"peft": "peft"}.get(fmt, "kohya")
+    tensors: dict[str, torch.Tensor] = {}
+    for mk in targets:
+        names = inverse.get(mk, [])
+        name = _pick(names, style) or _pick(names, "kohya_ldm")
+        if name is None:
+            continue
+        w = model_sd[mk]
+        out_dim, in_dim = w.shape[0], w.shape[1]
+        kernel = tuple(w.shape[2:])
+        r = min(rank, out_dim, in_dim)
+
+        def rnd(*shape, s=1.0):
+            return (torch.randn(shape, generator=gen) * s).to(torch.float16)
+
+        if fmt in ("kohya", "locon", "peft"):
+            down = rnd(r, in_dim, *kernel, s=1.0 / math.sqrt(in_dim * max(1, math.prod(kernel))))
+            up = rnd(out_dim, r, *([1] * len(kernel)), s=scale / math.sqrt(r))
+            if up_init is not None:
+                up = up_init(mk, tuple(up.shape)).to(torch.float16)
+            if fmt == "peft":
+                tensors[f"{name}.lora_A.weight"] = down
+                tensors[f"{name}.lora_B.weight"] = up
+            else:
+                tensors[f"{name}.lora_down.weight"] = down
+                tensors[f"{name}.lora_up.weight"] = up
+                tensors[f"{name}.alpha"] = torch.tensor(float(r), dtype=torch.float16)
+        elif fmt == "loha":
+            flat_in = in_dim * max(1, math.prod(kernel))
+            s = (scale / math.sqrt(flat_in)) ** 0.5
+            tensors[f"{name}.hada_w1_a"] = rnd(out_dim, r, s=s)
+            tensors[f"{name}.hada_w1_b"] = rnd(r, flat_in, s=s)
+            tensors[f"{name}.hada_w2_a"] = rnd(out_dim, r, s=s)
+            tensors[f"{name}.hada_w2_b"] = rnd(r, flat_in, s=s)
+            tensors[f"{name}.alpha"] = torch.tensor(float(r), dtype=torch.float16)
+        elif fmt == "lokr":
+            f1 = 4 if out_dim % 4 == 0 else 1
+            g1 = 4 if in_dim % 4 == 0 else 1
+            tensors[f"{name}.lokr_w1"] = rnd(f1, g1, s=1.0)
+            w2_shape = (out_dim // f1, in_dim // g1, *kernel)
+            flat = (in_dim // g1) * max(1, math.prod(kernel))
+            tensors[f"{name}.lokr_w2_a"] = rnd(w2_shape[0], r, s=scale / math.sqrt(flat))
+            tensors[f"{name}.lokr_w2_b"] = rnd(r, flat, s=1.0 / math.sqrt(r))
+            if kernel:
+                tensors[f"{name}.lokr_w2_b"] = tensors[f"{name}.lokr_w2_b"].reshape(r, in_dim // g1, *kernel)
+            tensors[f"{name}.alpha"] = torch.tensor(float(r), dtype=torch.float16)
+        else:
+            raise ValueError(f"unknown LoRA format {fmt!r}")
+    metadata = {"ss_network_dim": str(rank), "ss_network_module": {"loha": "lycoris.kohya", "lokr": "lycoris.kohya"}.get(fmt, "networks.lora")}
+    if trigger:
+        metadata["ss_tag_frequency"] = json.dumps({"10_" + trigger: {trigger: 20, "solo": 5}})
+    save_file(tensors, str(path), metadata=metadata)
+    return tensors
+
+
+DEMO_LORAS = [
+    # file name, format, seed, trigger word
+    ("cmlora_demo_character.safetensors", "kohya", 1, "sks"),
+    ("cmlora_demo_style.safetensors", "kohya", 2, "wtrclr"),
+    ("cmlora_demo_background.safetensors", "locon", 3, "mtnbg"),
+]
+
+
+def sd15_key_maps():
+    """The SD1.5 fixture's model/clip state dicts and the host's LoRA key maps."""
+    import comfy.lora
+
+    model, clip, _ = _sd15_parts()
+    unet_map = comfy.lora.model_lora_keys_unet(model, {})
+    clip_map = comfy.lora.model_lora_keys_clip(clip, {})
+    unet_sd = {k: v for k, v in model.state_dict().items()}
+    clip_sd = {k: v for k, v in clip.state_dict().items()}
+    return unet_sd, unet_map, clip_sd, clip_map
+
+
+def make_demo_loras(lora_dir: Path) -> list[Path]:
+    unet_sd, unet_map, clip_sd, clip_map = sd15_key_maps()
+    key_map = {**unet_map, **clip_map}
+    full_sd = {**unet_sd, **clip_sd}
+    paths = []
+    for name, fmt, seed, trigger in DEMO_LORAS:
+        p = lora_dir / name
+        write_lora(p, full_sd, key_map, fmt=fmt, seed=seed, trigger=trigger,
+                   targets=_targets(unet_sd, include_conv=fmt == "locon") + _targets(clip_sd, False, only="layers.0."))
+        paths.append(p)
+    return paths
+
+
+TEST_FORMATS = ("kohya", "locon", "peft", "loha", "lokr")
+
+
+def ensure_test_loras(models_dir: Path) -> None:
+    """LoRA files in every format, one for another architecture, and two broken files."""
+    lora_dir = models_dir / "loras"
+    unet_dir = models_dir / "diffusion_models"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    unet_dir.mkdir(parents=True, exist_ok=True)
+    stamp = models_dir / ".cmlora_test_loras_version"
+    if stamp.exists() and stamp.read_text().strip() == FIXTURE_VERSION:
+        return
+    unet_sd, unet_map, clip_sd, clip_map = sd15_key_maps()
+    key_map = {**unet_map, **clip_map}
+    full_sd = {**unet_sd, **clip_sd}
+    for i, fmt in enumerate(TEST_FORMATS):
+        te = _targets(clip_sd, False, only="layers.1.") if fmt in ("kohya", "peft") else []
+        write_lora(lora_dir / f"test_{fmt}.safetensors", full_sd, key_map, fmt=fmt, seed=100 + i,
+                   targets=_targets(unet_sd, include_conv=fmt != "kohya" and fmt != "peft") + te,
+                   trigger=f"trg{fmt}")
+    # an SDXL LoRA (named by the host's SDXL key map) to try on the SD1.5 model
+    import comfy.lora
+    import comfy.supported_models
+
+    xl = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG)).get_model({}, device="cpu")
+    xl_sd = xl.state_dict()
+    write_lora(lora_dir / "test_sdxl_kohya.safetensors", xl_sd, comfy.lora.model_lora_keys_unet(xl, {}),
+               fmt="kohya", seed=7)
+    make_sdxl_unet(unet_dir / SDXL_UNET)
+    save_file({"weight": torch.zeros(4, 4)}, str(lora_dir / "test_not_a_lora.safetensors"))
+    good = (lora_dir / "test_kohya.safetensors").read_bytes()
+    (lora_dir / "test_corrupt.safetensors").write_bytes(good[: len(good) // 3])
+    stamp.write_text(FIXTURE_VERSION)
+
+
+def ensure_demo_models(models_dir: Path) -> dict:
+    """Create the demo checkpoint and LoRAs under a ComfyUI models folder if missing."""
+    ckpt_dir = models_dir / "checkpoints"
+    lora_dir = models_dir / "loras"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    stamp = models_dir / ".cmlora_fixture_version"
+    fresh = stamp.exists() and stamp.read_text().strip() == FIXTURE_VERSION
+    ckpt = ckpt_dir / CHECKPOINT
+    if not (fresh and ckpt.exists()):
+        log.info("writing %s", ckpt)
+        make_sd15_checkpoint(ckpt)
+    if not (fresh and all((lora_dir / n).exists() for n, *_ in DEMO_LORAS)):
+        log.info("writing demo LoRAs to %s", lora_dir)
+        make_demo_loras(lora_dir)
+    stamp.write_text(FIXTURE_VERSION)
+    return {"checkpoint": CHECKPOINT, "loras": [n for n, *_ in DEMO_LORAS]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models-dir", required=True, type=Path)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    info = ensure_demo_models(args.models_dir)
+    json.dump(info, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    from comfy.cli_args import args as _host_args  # host flags keep their defaults here
+
+    _host_args.cpu = True  # must precede the first import of comfy.model_management
+    sys.exit(main())

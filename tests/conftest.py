@@ -1,0 +1,47 @@
+"""Test setup: the real ComfyUI host in-process (CPU), and generated models and LoRA files.
+
+Pure core tests (tests/core) need none of this; integration tests (tests/host) import the
+host found by scripts/setup.sh (``.host/ComfyUI``) or at ``COMFYUI_PATH``.
+"""
+from __future__ import annotations
+
+import pytest
+
+from _host import CACHE, import_host
+
+
+@pytest.fixture(scope="session")
+def pack():
+    return import_host()
+
+
+@pytest.fixture(scope="session")
+def models_dir(pack):
+    """The generated checkpoint and every LoRA file the tests use, registered with the host."""
+    import folder_paths
+    import make_fixtures as fx
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    fx.ensure_demo_models(CACHE)
+    fx.ensure_test_loras(CACHE)
+    folder_paths.add_model_folder_path("checkpoints", str(CACHE / "checkpoints"), is_default=True)
+    folder_paths.add_model_folder_path("loras", str(CACHE / "loras"), is_default=True)
+    folder_paths.add_model_folder_path("diffusion_models", str(CACHE / "diffusion_models"), is_default=True)
+    return CACHE
+
+
+@pytest.fixture(scope="session")
+def sd15(models_dir):
+    """(model, clip, vae) of the generated SD1.5 checkpoint, through CheckpointLoaderSimple."""
+    import nodes as host_nodes
+    import make_fixtures as fx
+
+    return host_nodes.CheckpointLoaderSimple().load_checkpoint(fx.CHECKPOINT)
+
+
+@pytest.fixture(scope="session")
+def conds(sd15):
+    _, clip, _ = sd15
+    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a sks cat in a garden"))
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
+    return pos, neg
