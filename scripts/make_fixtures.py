@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 log = logging.getLogger("cmlora.fixtures")
 
-FIXTURE_VERSION = "3"
+FIXTURE_VERSION = "4"
 CHECKPOINT = "cmlora_tiny_sd15.safetensors"
 SDXL_UNET = "cmlora_tiny_sdxl_unet.safetensors"
 
@@ -217,8 +217,6 @@ def write_lora(path: Path, model_sd: dict, key_map: dict, *, fmt: str, rank: int
             flat = (in_dim // g1) * max(1, math.prod(kernel))
             tensors[f"{name}.lokr_w2_a"] = rnd(w2_shape[0], r, s=scale / math.sqrt(flat))
             tensors[f"{name}.lokr_w2_b"] = rnd(r, flat, s=1.0 / math.sqrt(r))
-            if kernel:
-                tensors[f"{name}.lokr_w2_b"] = tensors[f"{name}.lokr_w2_b"].reshape(r, in_dim // g1, *kernel)
             tensors[f"{name}.alpha"] = torch.tensor(float(r), dtype=torch.float16)
         else:
             raise ValueError(f"unknown LoRA format {fmt!r}")

@@ -1,0 +1,150 @@
+"""Host-free tests of cmlora_core: schedules, routed deltas, file parsing, stack rules."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cmlora_core.errors import CMLoRAError
+from cmlora_core.lora_file import FileCache, classify, guess_base, trigger_from_metadata
+from cmlora_core.routing import DenseDelta, LowRankDelta, RoutedLayer, Routing, combine_copies, repeat_rows
+from cmlora_core.schedule import composite_weights, step_index, switch_active
+from cmlora_core.stack import LoraEntry, LoraStack, require_model_entries
+
+
+def test_switch_rule_gives_every_lora_exactly_interval_steps():
+    active = [switch_active(i, 5, 3) for i in range(30)]
+    assert active[:16] == [0] * 5 + [1] * 5 + [2] * 5 + [0]
+    assert all(active.count(k) == 10 for k in range(3))
+    with pytest.raises(ValueError):
+        switch_active(0, 0, 2)
+
+
+def test_step_index_from_sigma_schedule():
+    sigmas = torch.tensor([14.6, 7.0, 3.0, 1.0, 0.0])
+    assert [step_index(sigmas, s) for s in sigmas[:-1]] == [0, 1, 2, 3]
+    # intermediate evaluations (Heun, DPM++ 2S) belong to the step they start from
+    assert step_index(sigmas, 5.0) == 1 and step_index(sigmas, 0.5) == 3
+    # a float32 round trip of the same value still hits its step
+    assert step_index(sigmas, torch.tensor([7.0], dtype=torch.float16).float() * (1 - 1e-7)) == 1
+    assert step_index(sigmas, 100.0) == 0
+
+
+def test_composite_weights_are_a_mean():
+    assert composite_weights(4) == [0.25] * 4
+
+
+def _conv(x, w, **kw):
+    return F.conv2d(x, w, None, kw.get("stride", 1), kw.get("padding", 0))
+
+
+def test_low_rank_delta_equals_merged_weight_linear_and_conv():
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(3, 16, generator=g), torch.randn(8, 3, generator=g)
+    x = torch.randn(2, 5, 16, generator=g)
+    d = LowRankDelta(down, up, 0.5, "linear")
+    assert torch.allclose(d(x), F.linear(x, 0.5 * up @ down), atol=1e-5)
+    cdown, cup = torch.randn(3, 4, 3, 3, generator=g), torch.randn(6, 3, 1, 1, generator=g)
+    xc = torch.randn(2, 4, 9, 7, generator=g)
+    conv = {"stride": (2, 2), "padding": (1, 1), "dilation": (1, 1)}
+    dc = LowRankDelta(cdown, cup, 2.0, "conv", conv)
+    merged = 2.0 * (cup.flatten(1) @ cdown.flatten(1)).reshape(6, 4, 3, 3)
+    assert torch.allclose(dc(xc), _conv(xc, merged, stride=2, padding=1), atol=1e-4)
+    dd = DenseDelta(merged, None, "conv", conv)
+    assert torch.allclose(dd(xc), dc(xc), atol=1e-4)
+
+
+class _State:
+    routing = None
+
+
+def test_routed_layer_adds_each_loras_delta_to_its_rows_only():
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(6, 4)
+    deltas = {0: DenseDelta(torch.randn(4, 6, generator=g), None, "linear"),
+              1: LowRankDelta(torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g), 1.0, "linear")}
+    state = _State()
+    layer = RoutedLayer("lin", deltas, state)
+    handle = lin.register_forward_hook(layer)
+    x = torch.randn(4, 3, 6, generator=g)
+    base = lin(x)
+    state.routing = Routing.blocks(2, [(0, 0.5), (1, 2.0)])
+    with torch.no_grad():
+        y = lin(x)
+    assert torch.allclose(y[:2], base[:2] + 0.5 * deltas[0](x[:2]), atol=1e-5)
+    assert torch.allclose(y[2:], base[2:] + 2.0 * deltas[1](x[2:]), atol=1e-5)
+    state.routing = Routing(rows=3, routes=())
+    with pytest.raises(RuntimeError, match="rows"):
+        lin(x)
+    state.routing = None  # outside a run the hook changes nothing, bit for bit
+    assert torch.equal(lin(x), base)
+    handle.remove()
+
+
+def test_routed_layer_keeps_gradients():
+    lin = torch.nn.Linear(3, 3)
+    state = _State()
+    lin.register_forward_hook(RoutedLayer("lin", {0: DenseDelta(torch.eye(3), None, "linear")}, state))
+    state.routing = Routing.blocks(1, [(0, 1.0)])
+    x = torch.randn(1, 3, requires_grad=True)
+    lin(x).sum().backward()
+    assert torch.allclose(x.grad, (lin.weight + torch.eye(3)).sum(0), atol=1e-6)
+
+
+def test_repeat_rows_and_combine_copies():
+    x = torch.arange(6.0).reshape(2, 3)
+    value = {"a": [x, None, torch.ones(5)], "b": (x, 3)}
+    rep = repeat_rows(value, 2, 3)
+    assert rep["a"][0].shape == (6, 3) and rep["a"][2].shape == (5,) and rep["b"][1] == 3
+    out = torch.cat([x, 2 * x, 4 * x])
+    assert torch.allclose(combine_copies(out, [0.5, 0.25, 0.25]), x * (0.5 + 0.5 + 1.0))
+
+
+def test_classify_formats_and_rank():
+    lora = {"lora_unet_a.lora_down.weight": torch.zeros(4, 8), "lora_unet_a.lora_up.weight": torch.zeros(8, 4),
+            "lora_unet_a.alpha": torch.tensor(4.0)}
+    assert classify(lora) == ("kohya", 4, False, False)
+    lora["lora_unet_c.lora_down.weight"] = torch.zeros(4, 8, 3, 3)
+    assert classify(lora)[0] == "locon"
+    assert classify({"unet.x.lora_A.weight": torch.zeros(2, 3)})[:2] == ("peft", 2)
+    assert classify({"lora_unet_x.hada_w1_a": torch.zeros(3, 2)})[0] == "loha"
+    assert classify({"model.diffusion_model.x.weight": torch.zeros(2)})[0] == "unknown"
+
+
+def test_trigger_words_from_metadata():
+    meta = {"ss_tag_frequency": json.dumps({"10_sks": {"sks": 30, "cat": 12}, "5_x": {"cat": 10}})}
+    assert trigger_from_metadata(meta) == "sks"
+    assert trigger_from_metadata({"modelspec.trigger_phrase": "ohwx man", **meta}) == "ohwx man"
+    assert trigger_from_metadata({"ss_tag_frequency": "not json"}) == ""
+
+
+def test_guess_base_from_cross_attention_width():
+    key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    assert guess_base({key: torch.zeros(4, 2048)}) == "SDXL"
+    assert guess_base({key: torch.zeros(4, 768)}) == "SD1.x"
+
+
+def test_file_cache_reloads_when_the_file_changes(tmp_path):
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"1")
+    loads = []
+    cache = FileCache(2)
+    load = lambda path: loads.append(path) or open(path, "rb").read()  # noqa: E731
+    assert cache.get(str(p), load) == b"1" and cache.get(str(p), load) == b"1"
+    assert len(loads) == 1
+    p.write_bytes(b"22")
+    assert cache.get(str(p), load) == b"22" and len(loads) == 2
+
+
+def test_stack_rules(tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"x")
+    b.write_bytes(b"y")
+    st = LoraStack().append(LoraEntry("a", str(a))).append(LoraEntry("b", str(b), strength_model=0.0))
+    with pytest.raises(CMLoRAError, match="already in this stack"):
+        st.append(LoraEntry("a again", str(a)))
+    assert [e.name for e in require_model_entries(st, "N")] == ["a"]
+    with pytest.raises(CMLoRAError, match=r"\[N\] input 'stack': the LoRA stack is empty"):
+        require_model_entries(LoraStack(), "N")
