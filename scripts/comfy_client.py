@@ -1,0 +1,148 @@
+"""Drive a real ComfyUI server: start it, turn UI workflows into API prompts, queue, collect.
+
+Used by the demo (scripts/demo.py) and the end-to-end tests. Standard library only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A ComfyUI server process on 127.0.0.1 (CPU), stopped on exit of the with-block."""
+
+    def __init__(self, host_dir: Path, python: str = sys.executable, output_dir: Path | None = None,
+                 extra_model_paths: Path | None = None, log_path: Path | None = None):
+        self.host_dir, self.python = Path(host_dir), python
+        self.output_dir, self.extra_model_paths, self.log_path = output_dir, extra_model_paths, log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def __enter__(self):
+        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--disable-metadata"]
+        if self.output_dir:
+            cmd += ["--output-directory", str(self.output_dir)]
+        if self.extra_model_paths:
+            cmd += ["--extra-model-paths-config", str(self.extra_model_paths)]
+        log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, cwd=self.host_dir, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with code {self.proc.returncode}; see {self.log_path}")
+            try:
+                self.get("/system_stats")
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        raise RuntimeError("ComfyUI did not answer within 180 s")
+
+    def __exit__(self, *exc):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"POST {path} failed ({e.code}): {e.read().decode(errors='replace')}") from e
+
+    def run(self, prompt: dict, timeout: float = 900) -> dict:
+        """Queue an API-format prompt and wait for its history entry; raise on failure."""
+        pid = self.post("/prompt", {"prompt": prompt, "client_id": "cmlora"})["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{pid}")
+            if pid in hist:
+                entry = hist[pid]
+                status = entry.get("status", {})
+                if status.get("status_str") == "error":
+                    msgs = [m for m in status.get("messages", []) if m[0] == "execution_error"]
+                    detail = msgs[0][1].get("exception_message", "") if msgs else status
+                    raise RuntimeError(f"workflow failed: {detail}")
+                if status.get("completed", True):
+                    return entry
+            time.sleep(0.5)
+        raise RuntimeError(f"prompt {pid} did not finish in {timeout} s")
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """Convert a UI-format workflow (what the editor saves) to the API prompt format.
+
+    Widget values are matched to the node's widget inputs in schema order (required, then
+    optional), with the extra 'control_after_generate' value that seeds carry; links become
+    [source node id, output slot].
+    """
+    links = {l[0]: l for l in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node.get("mode", 0) in (2, 4):  # muted / bypassed
+            continue
+        info = object_info[node["type"]]
+        linked = {i["name"]: i.get("link") for i in node.get("inputs", [])}
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        order = info.get("input_order", {})
+        for section in ("required", "optional"):
+            names = order.get(section) or list(info["input"].get(section, {}))
+            for name in names:
+                spec = info["input"][section][name]
+                kind = spec[0]
+                is_widget = isinstance(kind, list) or kind in WIDGET_TYPES
+                link = linked.get(name)
+                if is_widget and values:
+                    value = values.pop(0)
+                    if (spec[1] if len(spec) > 1 else {}).get("control_after_generate") and values:
+                        values.pop(0)
+                    if link is None:
+                        inputs[name] = value
+                if link is not None:
+                    src = links[link]
+                    inputs[name] = [str(src[1]), src[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def output_images(entry: dict) -> list[dict]:
+    images = []
+    for out in entry.get("outputs", {}).values():
+        images.extend(out.get("images", []))
+    return images
+
+
+def output_texts(entry: dict) -> list[str]:
+    texts = []
+    for out in entry.get("outputs", {}).values():
+        for t in out.get("text", []):
+            texts.append(t if isinstance(t, str) else json.dumps(t))
+    return texts

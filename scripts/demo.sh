@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: set up the environment and a real ComfyUI host, generate
+# a random-weight model and LoRAs, queue the example workflows through the server's HTTP
+# API on the CPU, and write the images and a report to demo_output/ (or $1).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+host="$(bash "$repo/scripts/setup.sh" | tail -n 1)"
+venv="${CMLORA_VENV:-$repo/.venv}"
+out="${1:-$repo/demo_output}"
+exec "$venv/bin/python" "$repo/scripts/demo.py" --host "$host" --out "$out" "${@:2}"
