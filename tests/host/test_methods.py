@@ -141,3 +141,20 @@ def test_interrupted_run_leaves_model_as_it_was(sd15, conds, method):
     # and the patched model runs again normally afterwards
     again = ksample(patched, conds, steps=3)
     assert torch.isfinite(again).all()
+
+
+def test_sampler_custom_advanced_runs_the_same_composite(sd15, conds):
+    """SamplerCustomAdvanced (guider + sigmas) gives what KSampler gives, same seed."""
+    from comfy_extras import nodes_custom_sampler as cs
+
+    model = sd15[0]
+    patched = apply(model, stack((A, 1.0), (B, 0.5)), "composite")
+    pos, neg = conds
+    guider = cs.CFGGuider.execute(patched, pos, neg, 5.0).args[0]
+    sigmas = cs.BasicScheduler.execute(patched, "normal", 3, 1.0).args[0]
+    sampler = cs.KSamplerSelect.execute("euler").args[0]
+    noise = cs.RandomNoise.execute(1).args[0]
+    out = cs.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, {"samples": torch.zeros(1, 4, 8, 8)}).args[0]
+    ref = ksample(patched, conds, steps=3, seed=1)
+    assert torch.allclose(out["samples"], ref, atol=1e-5)
+    assert patched.get_attachment("cmlora").last_trace.status == "finished"
