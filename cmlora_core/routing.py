@@ -35,9 +35,6 @@ class Delta:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def flops(self, x_shape: tuple, y_shape: tuple) -> int:
-        raise NotImplementedError
-
 
 class LowRankDelta(Delta):
     """delta(x) = scale * up(down(x)); down is (r, in[, kh, kw]), up is (out, r[, 1, 1]).
@@ -61,14 +58,6 @@ class LowRankDelta(Delta):
         h = F.conv2d(x, down, None, self.conv.get("stride", 1), self.conv.get("padding", 0),
                      self.conv.get("dilation", 1))
         return F.conv2d(h, up) * self.scale
-
-    def flops(self, x_shape, y_shape):
-        # multiply-adds x2, per output position
-        if self.kind == "linear":
-            positions = int(torch.tensor(y_shape[:-1]).prod())
-            return 2 * positions * self.rank * (self.down.shape[1] + self.up.shape[0])
-        positions = y_shape[0] * int(torch.tensor(y_shape[2:]).prod())
-        return 2 * positions * self.rank * (self.down[0].numel() + self.up.shape[0])
 
 
 class DenseDelta(Delta):
@@ -96,14 +85,6 @@ class DenseDelta(Delta):
         return F.conv2d(x, w, b, self.conv.get("stride", 1), self.conv.get("padding", 0),
                         self.conv.get("dilation", 1), self.conv.get("groups", 1))
 
-    def flops(self, x_shape, y_shape):
-        if self.weight is None:
-            return 0
-        if self.kind == "linear":
-            positions = int(torch.tensor(y_shape[:-1]).prod())
-            return 2 * positions * self.weight.shape[0] * self.weight.shape[1]
-        positions = y_shape[0] * int(torch.tensor(y_shape[2:]).prod())
-        return 2 * positions * self.weight[0].numel() * self.weight.shape[0]
 
 
 @dataclass(frozen=True)

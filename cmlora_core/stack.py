@@ -1,7 +1,7 @@
 """The LoRA stack: an ordered, immutable list of LoRA entries and their settings."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .errors import CMLoRAError
 
@@ -64,14 +64,6 @@ class LoraStack:
     def clip_entries(self) -> tuple[LoraEntry, ...]:
         return tuple(e for e in self.entries if e.active_clip)
 
-    def with_entry(self, index: int, **changes) -> "LoraStack":
-        entries = list(self.entries)
-        entries[index] = replace(entries[index], **changes)
-        return LoraStack(tuple(entries))
-
-    def signature(self) -> tuple:
-        """Identity of the model-side composition (used to tie schedules to a stack)."""
-        return tuple((e.name, round(e.strength_model, 6)) for e in self.model_entries())
 
 
 def os_same(a: str, b: str) -> bool:

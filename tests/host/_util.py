@@ -82,6 +82,3 @@ def diffusion_out(model, call):
         kwargs = {} if call["y"] is None else {"y": call["y"]}
         return dm(call["x"], call["t"], context=call["context"], transformer_options={}, **kwargs)
 
-
-def base_output(model, conds, **kw):
-    return ksample(model, conds, **kw)
