@@ -86,7 +86,6 @@ class DenseDelta(Delta):
                         self.conv.get("dilation", 1), self.conv.get("groups", 1))
 
 
-
 @dataclass(frozen=True)
 class Route:
     """Rows [start, stop) of the current model call get LoRA ``lora`` at weight ``weight``."""

@@ -65,7 +65,6 @@ class LoraStack:
         return tuple(e for e in self.entries if e.active_clip)
 
 
-
 def os_same(a: str, b: str) -> bool:
     import os
 

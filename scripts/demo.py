@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,9 +25,8 @@ from comfy_client import Server, output_images, output_texts, ui_to_api  # noqa:
 
 def prepare_models(host: Path) -> None:
     """Generate the demo checkpoint and LoRAs into the host's models folder (once)."""
-    env_path = f"{host}"
     subprocess.run([sys.executable, str(HERE / "make_fixtures.py"), "--models-dir", str(host / "models")],
-                   check=True, env={**__import__("os").environ, "PYTHONPATH": env_path}, stdout=subprocess.DEVNULL)
+                   check=True, env={**os.environ, "PYTHONPATH": str(host)}, stdout=subprocess.DEVNULL)
 
 
 def run_workflows(server: Server, names: list[str], out: Path, output_dir: Path) -> list[dict]:

@@ -247,10 +247,14 @@ def sd15_key_maps():
     return unet_sd, unet_map, clip_sd, clip_map
 
 
-def make_demo_loras(lora_dir: Path) -> list[Path]:
+def _sd15_lora_context():
+    """(unet state dict, clip state dict, both merged, the host's merged key map)."""
     unet_sd, unet_map, clip_sd, clip_map = sd15_key_maps()
-    key_map = {**unet_map, **clip_map}
-    full_sd = {**unet_sd, **clip_sd}
+    return unet_sd, clip_sd, {**unet_sd, **clip_sd}, {**unet_map, **clip_map}
+
+
+def make_demo_loras(lora_dir: Path) -> list[Path]:
+    unet_sd, clip_sd, full_sd, key_map = _sd15_lora_context()
     paths = []
     for name, fmt, seed, trigger in DEMO_LORAS:
         p = lora_dir / name
@@ -272,9 +276,7 @@ def ensure_test_loras(models_dir: Path) -> None:
     stamp = models_dir / ".cmlora_test_loras_version"
     if stamp.exists() and stamp.read_text().strip() == FIXTURE_VERSION:
         return
-    unet_sd, unet_map, clip_sd, clip_map = sd15_key_maps()
-    key_map = {**unet_map, **clip_map}
-    full_sd = {**unet_sd, **clip_sd}
+    unet_sd, clip_sd, full_sd, key_map = _sd15_lora_context()
     for i, fmt in enumerate(TEST_FORMATS):
         te = _targets(clip_sd, False, only="layers.1.") if fmt in ("kohya", "peft") else []
         write_lora(lora_dir / f"test_{fmt}.safetensors", full_sd, key_map, fmt=fmt, seed=100 + i,
