@@ -6,7 +6,8 @@ online mode's phase change, which the runtime reports through ``Planner.observe`
 Vocabulary. A *full pass* runs the whole UNet for a LoRA and refreshes its cached deep
 feature; a *shallow pass* runs only the outer full-resolution blocks around the cached
 feature; with cache "prediction" a non-refreshed LoRA reuses its last full prediction
-(no pass at all); with cache "none" every LoRA runs a full pass at every step.
+(no pass at all); with cache "none" — or a uniform refresh every step, which leaves nothing to cache —
+every LoRA runs a full pass at every step.
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ class Schedule:
     low: tuple[int, ...]
     names: tuple[str, ...]  # entry names, to check the schedule belongs to the stack it is used with
     source: str = "categories"  # "profile" or "categories"
+    base_model: str = ""  # fingerprint of the model the profile was measured on ("" without a profile)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -211,8 +213,9 @@ class Planner:
             current = low if phase == "L" else (high or low)
             dominant = current[self._pointer % len(current)]
             refreshed = [dominant] if (refresh or step == self._phase_start) else []
+        no_cache = s.cache == "none" or (s.refresh == "uniform" and s.refresh_interval == 1)
         for i in range(n):
-            if step == 0 or s.cache == "none" or i in refreshed or (s.dominant_full and i == dominant):
+            if step == 0 or no_cache or i in refreshed or (s.dominant_full and i == dominant):
                 passes[i] = FULL
             else:
                 passes[i] = SHALLOW if s.cache == "deep" else REUSE

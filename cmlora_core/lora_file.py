@@ -162,3 +162,14 @@ def guess_base(tensors: dict[str, torch.Tensor]) -> str:
             width = tensors[k].shape[-1]
             return {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(int(width), "")
     return ""
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes (the identity a profile records for each LoRA)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

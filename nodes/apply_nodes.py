@@ -8,6 +8,7 @@ from ..cmlora_core.stack import require_model_entries
 from . import host
 from .host import io
 from .loras import map_model_lora
+from .profiling import model_fingerprint
 from .runtime import KEY, METHODS, apply_method
 from .stack_nodes import Stack
 
@@ -41,9 +42,15 @@ def patched_model(model, stack, method, switch_interval, schedule, node):
     if skipped:
         log.info("CMLoRA: skipping inactive stack entries (disabled or strength_model 0): %s", ", ".join(skipped))
     mapped = [map_model_lora(model, e, node) for e in entries]
+    if schedule is not None and schedule.base_model:
+        if schedule.base_model != model_fingerprint(model):
+            raise CMLoRAError(node, "schedule",
+                              f"the schedule's profile was measured on another base model ({schedule.base_model}, "
+                              f"this one is {model_fingerprint(model)}).",
+                              "profile the LoRAs again on this checkpoint.")
     for m in mapped:
         log.info("CMLoRA %s: %s", method, m.describe())
-    return apply_method(model, mapped, method, switch_interval, node), mapped
+    return apply_method(model, mapped, method, switch_interval, node, schedule), mapped
 
 
 class ApplyNode(io.ComfyNode):

@@ -20,6 +20,7 @@ import comfy.samplers
 import comfy.utils
 import comfy.float
 import comfy.weight_adapter
+from comfy.ldm.modules.diffusionmodules import openaimodel
 import folder_paths
 import latent_preview
 from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401  (re-exported to the node modules)
@@ -37,6 +38,11 @@ get_key_weight = comfy.model_patcher.get_key_weight
 string_to_seed = comfy.model_patcher.string_to_seed
 stochastic_rounding = comfy.float.stochastic_rounding
 ProgressBar = comfy.utils.ProgressBar
+# UNet building blocks, for CMLoRA's shallow pass through the outer blocks
+forward_timestep_embed = openaimodel.forward_timestep_embed
+timestep_embedding = openaimodel.timestep_embedding
+Downsample = openaimodel.Downsample
+UNetModel = openaimodel.UNetModel
 
 
 def lora_names() -> list[str]:
@@ -121,6 +127,28 @@ def ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negativ
     out = latent.copy()
     out["samples"] = samples
     return out
+
+
+def sample_latent(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, callback):
+    """Sample like KSampler, without preview, calling ``callback(step, x0, x, total)`` each step."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                               noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=True, seed=seed)
+
+
+def original_weights(model_patcher, keys: list[str]) -> dict:
+    """Weights as loaded from the checkpoint (before any LoRA the host may have folded in)."""
+    out = {}
+    for key in keys:
+        patches = model_patcher.get_key_patches(key).get(key)
+        if patches:
+            out[key] = patches[0][0]
+    return out
+
+
+def output_directory() -> str:
+    return folder_paths.get_output_directory()
 
 
 def model_family(model_patcher) -> str:

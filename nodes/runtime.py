@@ -24,9 +24,12 @@ import torch
 
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.routing import DenseDelta, LowRankDelta, RoutedLayer, Routing, combine_copies, repeat_rows
+from ..cmlora_core.cmlora import FULL, REUSE, SHALLOW, Planner, Schedule, validate_run
 from ..cmlora_core.schedule import composite_weights, num_steps, step_index, switch_active
+from ..cmlora_core.spectrum import batch_score
 from . import host
 from .loras import MappedLora
+from .unet_split import capture_patch, find_split, shallow_forward, shallow_fraction
 
 log = logging.getLogger("cmlora")
 
@@ -45,6 +48,11 @@ class RunTrace:
     active: dict = field(default_factory=dict)  # step -> LoRA index (switch)
     call_rows: list = field(default_factory=list)  # rows of every diffusion-model call
     folds: int = 0
+    full_passes: int = 0  # CMLoRA: LoRA evaluations per kind, summed over model calls
+    shallow_passes: int = 0
+    reused: int = 0
+    shallow_fraction: float | None = None  # FLOPs of a shallow pass / a full pass
+    plans: dict = field(default_factory=dict)  # step -> StepPlan (cmlora)
     seconds: float = 0.0
     status: str = "running"
 
@@ -86,10 +94,16 @@ def build_delta(base_model, key: str, patch):
 
 
 class MultiLoraRuntime:
-    """Per-clone state of a switch or composite run; see the module docstring."""
+    """Per-clone state of a switch, composite or cmlora run; see the module docstring."""
 
-    def __init__(self, method: str, loras: list[MappedLora], switch_interval: int = 5):
+    def __init__(self, method: str, loras: list[MappedLora], switch_interval: int = 5, schedule: Schedule | None = None):
         self.method = method
+        self.schedule = schedule
+        self._planner: Planner | None = None
+        self._split = None
+        self._deep: dict = {}  # (lora, call key) -> deep feature of its last full pass
+        self._pred: dict = {}  # (lora, call key) -> its last full prediction ("prediction" cache)
+        self._probe = None  # one row of a model call, to count FLOPs after the run
         self.loras = loras
         self.switch_interval = switch_interval
         self.routing: Routing | None = None
@@ -109,6 +123,8 @@ class MultiLoraRuntime:
         clone.add_wrapper_with_key(host.WrappersMP.DIFFUSION_MODEL, KEY, self.diffusion_model)
         if self.method != "switch":
             clone.set_injections(KEY, [host.PatcherInjection(self.inject, self.eject)])
+        if self.method == "cmlora" and self.schedule.settings.mode == "online":
+            clone.set_model_sampler_post_cfg_function(self.observe_denoised)
         clone.set_attachments(KEY, self)
 
     def inject(self, model_patcher) -> None:
@@ -147,16 +163,20 @@ class MultiLoraRuntime:
         guider = executor.class_obj
         self._base_model = guider.model_patcher.model
         self.trace = RunTrace(self.method)
+        self._planner, self._deep, self._pred, self._probe = None, {}, {}, None
         started = time.perf_counter()
         try:
             out = executor(*args, **kwargs)
             self.trace.status = "finished"
+            if self.method == "cmlora" and self._probe is not None:
+                self.trace.shallow_fraction = shallow_fraction(*self._probe)
             return out
         except BaseException as e:
             self.trace.status = f"stopped ({type(e).__name__})"
             raise
         finally:
             self.routing = None
+            self._deep, self._pred, self._probe = {}, {}, None
             self._unfold()
             self.trace.seconds = time.perf_counter() - started
             self.last_trace, self.trace = self.trace, None
@@ -180,8 +200,11 @@ class MultiLoraRuntime:
             self._fold(k)
             trace.call_rows.append(x.shape[0])
             return executor(x, timesteps, context, y, control, to, **kwargs)
-        return self._routed_call(executor, trace, composite_weights(len(self.loras)),
-                                 x, timesteps, context, y, control, to, **kwargs)
+        if self.method == "cmlora":
+            return self._cmlora_call(executor, trace, step, x, timesteps, context, y, control, to, kwargs)
+        indices = list(range(len(self.loras)))
+        out = self._forward_copies(executor, trace, indices, x, timesteps, context, y, control, to, kwargs)
+        return combine_copies(out, composite_weights(len(self.loras)))
 
     def _schedule_points(self, sample_sigmas) -> list[float]:
         """The run's sigma schedule as floats, read from the device once per run."""
@@ -189,21 +212,98 @@ class MultiLoraRuntime:
             self._schedule_src, self._schedule = sample_sigmas, sample_sigmas.reshape(-1).tolist()
         return self._schedule
 
-    def _routed_call(self, executor, trace, weights, x, timesteps, context, y, control, to, **kwargs):
-        """One forward with the batch repeated once per LoRA, rows routed, outputs combined."""
-        batch, copies = x.shape[0], len(self.loras)
-        rep = lambda v: repeat_rows(v, batch, copies)  # noqa: E731
+    def _copies(self, trace, indices, x, to):
+        """Routing, a repeat function and transformer options for one copy of the batch per LoRA."""
+        batch, copies = x.shape[0], len(indices)
         to2 = dict(to)
         to2["cond_or_uncond"] = list(to.get("cond_or_uncond", [])) * copies
         to2["uuids"] = list(to.get("uuids", [])) * copies
-        self.routing = Routing.blocks(batch, [(i, ml.entry.strength_model) for i, ml in enumerate(self.loras)])
         trace.call_rows.append(batch * copies)
+        routing = Routing.blocks(batch, [(i, self.loras[i].entry.strength_model) for i in indices])
+        return routing, (lambda v: repeat_rows(v, batch, copies)), to2
+
+    def _forward_copies(self, executor, trace, indices, x, timesteps, context, y, control, to, kwargs, capture=None):
+        """One full forward, the batch repeated once per LoRA in ``indices``, rows routed.
+
+        Returns the raw output (len(indices) * B rows, LoRA blocks in ``indices`` order);
+        ``capture`` (a list) receives the deep feature of every row.
+        """
+        routing, rep, to2 = self._copies(trace, indices, x, to)
+        if capture is not None:
+            patches = {k: list(v) for k, v in to.get("patches", {}).items()}
+            patches.setdefault("output_block_patch", []).append(capture_patch(self._split, capture))
+            to2["patches"] = patches
+        self.routing = routing
         try:
-            out = executor(rep(x), rep(timesteps), rep(context), rep(y), rep(control), to2,
-                           **{k: rep(v) for k, v in kwargs.items()})
+            return executor(rep(x), rep(timesteps), rep(context), rep(y), rep(control), to2,
+                            **{k: rep(v) for k, v in kwargs.items()})
         finally:
             self.routing = None
-        return combine_copies(out, weights)
+
+    # ---------------------------------------------------------------- cmlora
+    def _planner_for(self, total: int) -> Planner:
+        if self._planner is None or self._planner.total != total:
+            try:
+                validate_run(self.schedule, total)
+            except ValueError as e:
+                raise CMLoRAError("CMLoRA Apply", "schedule", f"{e}.",
+                                  "use at least 2 LoRAs and at least as many steps as LoRAs.") from e
+            self._planner = Planner(self.schedule, total)
+        return self._planner
+
+    def _cmlora_call(self, executor, trace, step, x, timesteps, context, y, control, to, kwargs):
+        """Dominant-weighted composite with full, shallow and reused LoRA passes (SPEC.md 2)."""
+        unet = executor.class_obj
+        planner = self._planner_for(trace.steps)
+        plan = planner.plan(step)
+        trace.plans[step] = plan
+        cache = self.schedule.settings.cache
+        if cache == "deep" and self._split is None:
+            self._split = find_split(unet)
+        if self._probe is None and cache == "deep":
+            self._probe = (unet, self._split, x, timesteps, context, y)
+        key = (tuple(to.get("uuids", [])), x.shape[0])
+        full, shallow, reuse = [], [], []
+        for i, kind in enumerate(plan.passes):
+            if kind == SHALLOW and (i, key) in self._deep:
+                shallow.append(i)
+            elif kind == REUSE and (i, key) in self._pred:
+                reuse.append(i)
+            else:  # FULL, or nothing cached for this call yet
+                full.append(i)
+        outs = {}
+        if full:
+            sink = [] if cache == "deep" else None
+            out = self._forward_copies(executor, trace, full, x, timesteps, context, y, control, to, kwargs, sink)
+            for i, o, d in zip(full, out.chunk(len(full)), sink[0].chunk(len(full)) if sink else [None] * len(full)):
+                outs[i] = o
+                if d is not None:
+                    self._deep[(i, key)] = d
+                if cache == "prediction":
+                    self._pred[(i, key)] = o
+        if shallow:
+            routing, rep, to2 = self._copies(trace, shallow, x, to)
+            deep = torch.cat([self._deep[(i, key)] for i in shallow])
+            self.routing = routing
+            try:
+                out = shallow_forward(unet, self._split, rep(x), rep(timesteps), rep(context), rep(y), deep, to2)
+            finally:
+                self.routing = None
+            outs.update(zip(shallow, out.chunk(len(shallow))))
+        for i in reuse:
+            outs[i] = self._pred[(i, key)]
+        trace.full_passes += len(full)
+        trace.shallow_passes += len(shallow)
+        trace.reused += len(reuse)
+        return sum(plan.weights[i] * outs[i] for i in range(len(self.loras)))
+
+    def observe_denoised(self, args):
+        """Post-CFG hook (online mode): tell the planner how much high frequency x0 still has."""
+        denoised = args["denoised"]
+        if self._planner is not None and self._schedule:
+            step = step_index(self._schedule, args["sigma"])
+            self._planner.observe(step, batch_score(denoised.detach().float().cpu()))
+        return denoised
 
     # ---------------------------------------------------------------- folding (switch)
     def _fold(self, k: int) -> None:
@@ -242,9 +342,26 @@ class MultiLoraRuntime:
         if self.method == "switch":
             order = [trace.active[s] for s in sorted(trace.active)]
             text += f", {trace.folds} refolds, active LoRA per step: {order}"
+        elif self.method == "cmlora":
+            text += (f", passes: {trace.full_passes} full, {trace.shallow_passes} shallow, {trace.reused} reused"
+                     f" ({self.schedule.settings.mode}, cache {self.schedule.settings.cache})")
+            ratio = self.flop_ratio(trace)
+            if ratio is not None:
+                if trace.shallow_fraction is not None:
+                    text += f"; a shallow pass costs {trace.shallow_fraction:.3f} of a full pass"
+                text += (f"; this run took {ratio:.3f}x the UNet FLOPs of merge "
+                         f"(composite: {len(self.loras)}x)")
         else:
             text += f", rows per call: {sorted(set(trace.call_rows))}"
         return text
+
+    @staticmethod
+    def flop_ratio(trace: RunTrace) -> float | None:
+        """UNet FLOPs of the run over merge's (one full pass per model call); LoRA deltas not counted."""
+        if not trace.model_calls:
+            return None
+        f = trace.shallow_fraction if trace.shallow_fraction is not None else 0.0
+        return (trace.full_passes + f * trace.shallow_passes) / trace.model_calls
 
 
 class _Sum:
@@ -257,7 +374,8 @@ class _Sum:
         return self.a(x) + self.b(x)
 
 
-def apply_method(model, loras: list[MappedLora], method: str, switch_interval: int, node: str):
+def apply_method(model, loras: list[MappedLora], method: str, switch_interval: int, node: str,
+                 schedule: Schedule | None = None):
     """A clone of ``model`` that composes ``loras`` with ``method``; ``model`` is untouched."""
     clone = model.clone()
     if method == "merge":
@@ -270,8 +388,17 @@ def apply_method(model, loras: list[MappedLora], method: str, switch_interval: i
         MultiLoraRuntime(method, loras, switch_interval).attach(clone)
         return clone
     if method == "cmlora":
-        raise CMLoRAError(node, "method",
-                          "method 'cmlora' needs a frequency schedule (LoRA Profiler -> Frequency Scheduler), "
-                          "which this version of the pack does not ship yet.",
-                          "choose 'switch' or 'composite' for now.")
+        if schedule is None:
+            raise CMLoRAError(node, "schedule", "method 'cmlora' needs a schedule.",
+                              "connect a 'CMLoRA Frequency Scheduler' (fed by a 'CMLoRA LoRA Profiler', or by the stack).")
+        names = tuple(ml.entry.name for ml in loras)
+        if tuple(schedule.names) != names:
+            raise CMLoRAError(node, "schedule",
+                              f"the schedule was made for the LoRAs {list(schedule.names)}, but this stack composes "
+                              f"{list(names)}.", "rebuild the schedule from this stack (re-run the profiler/scheduler).")
+        if len(loras) < 2:
+            raise CMLoRAError(node, "stack", "CMLoRA composes at least 2 LoRAs; the stack has 1 active LoRA.",
+                              "add LoRAs, or use method 'merge' for a single LoRA.")
+        MultiLoraRuntime(method, loras, switch_interval, schedule).attach(clone)
+        return clone
     raise CMLoRAError(node, "method", f"unknown method {method!r}.", f"choose one of {', '.join(METHODS)}.")

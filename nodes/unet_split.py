@@ -1,0 +1,101 @@
+"""CMLoRA's cache split of a ComfyUI UNet: the outer full-resolution blocks and the deep rest.
+
+The split is read from the model's structure, so SD1.5 and SDXL (and any UNetModel) work:
+the *shallow* part is the input blocks before the first downsampling block, the output
+blocks that consume their skip connections (the same number, at the end), and the output
+layer. The *deep feature* is the hidden state entering the first of those output blocks
+(for SD1.5, the 640-channel map entering diffusers' up_blocks[3]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cmlora_core.errors import CMLoRAError
+from . import host
+
+
+@dataclass(frozen=True)
+class UNetSplit:
+    n_in: int  # input blocks at full resolution (their outputs are the skips the shallow part needs)
+    out_start: int  # index of the first output block of the shallow part
+
+    def is_capture_block(self, transformer_options: dict) -> bool:
+        return transformer_options.get("block") == ("output", self.out_start)
+
+
+def find_split(unet) -> UNetSplit:
+    if not isinstance(unet, host.UNetModel):
+        raise CMLoRAError("CMLoRA Apply", "model",
+                          f"the deep-feature cache needs a UNet; this model is a {type(unet).__name__}.",
+                          "use cache 'none' or 'prediction' in the Frequency Scheduler.")
+    for i, block in enumerate(unet.input_blocks):
+        if any(isinstance(m, host.Downsample) for m in block):
+            return UNetSplit(i, len(unet.output_blocks) - i)
+    raise CMLoRAError("CMLoRA Apply", "model", "this UNet never downsamples; there is no deep part to cache.",
+                      "use cache 'none' or 'prediction' in the Frequency Scheduler.")
+
+
+def capture_patch(split: UNetSplit, sink: list):
+    """An ``output_block_patch`` that stores the hidden state entering the split block."""
+
+    def patch(h, hsp, transformer_options):
+        if split.is_capture_block(transformer_options):
+            sink.append(h)
+        return h, hsp
+
+    return patch
+
+
+def shallow_forward(unet, split: UNetSplit, x, timesteps, context, y, deep, transformer_options):
+    """The outer blocks only, with ``deep`` in place of everything deeper.
+
+    Follows UNetModel._forward for the blocks it runs, so with a fresh deep feature the
+    result equals the full pass exactly. Block patches of other nodes run as in the host.
+    """
+    to = transformer_options
+    to["original_shape"] = list(x.shape)
+    to["transformer_index"] = 0
+    patches = to.get("patches", {})
+    emb = unet.time_embed(host.timestep_embedding(timesteps, unet.model_channels, repeat_only=False).to(x.dtype))
+    for p in patches.get("emb_patch", []):
+        emb = p(emb, unet.model_channels, to)
+    if unet.num_classes is not None:
+        emb = emb + unet.label_emb(y)
+    hs, h = [], x
+    for i in range(split.n_in):
+        to["block"] = ("input", i)
+        h = host.forward_timestep_embed(unet.input_blocks[i], h, emb, context, to)
+        for p in patches.get("input_block_patch", []):
+            h = p(h, to)
+        hs.append(h)
+        for p in patches.get("input_block_patch_after_skip", []):
+            h = p(h, to)
+    h = deep
+    for i in range(split.out_start, len(unet.output_blocks)):
+        to["block"] = ("output", i)
+        hsp = hs.pop()
+        for p in patches.get("output_block_patch", []):
+            h, hsp = p(h, hsp, to)
+        h = torch.cat([h, hsp], dim=1)
+        output_shape = hs[-1].shape if hs else None
+        h = host.forward_timestep_embed(unet.output_blocks[i], h, emb, context, to, output_shape)
+    return unet.out(h.type(x.dtype))
+
+
+def shallow_fraction(unet, split: UNetSplit, x, timesteps, context, y) -> float:
+    """FLOPs of a shallow pass over FLOPs of a full pass, counted on these inputs (one row)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sink: list = []
+    to = {"patches": {"output_block_patch": [capture_patch(split, sink)]}}
+    kwargs = {} if y is None else {"y": y[:1]}
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as full:
+            unet(x[:1], timesteps[:1], context=context[:1], transformer_options=to, **kwargs)
+        with FlopCounterMode(display=False) as shallow:
+            shallow_forward(unet, split, x[:1], timesteps[:1], context[:1], None if y is None else y[:1],
+                            sink[0], {})
+    total = full.get_total_flops()
+    return shallow.get_total_flops() / total if total else 1.0
