@@ -141,9 +141,10 @@ class SchedulerNode(io.ComfyNode):
         steps = max(preview_steps, n)
         planner = Planner(schedule, steps)
         plans = [planner.plan(i) for i in range(steps)]
-        title = (f"{mode}, cache {cache}, {refresh} refresh; H: {[schedule.names[i] for i in schedule.high]} "
-                 f"L: {[schedule.names[i] for i in schedule.low]}")
-        log.info("CMLoRA schedule: %s", title)
+        short = lambda idx: ", ".join(schedule.names[i].rsplit(".", 1)[0] for i in idx) or "-"  # noqa: E731
+        title = (f"CMLoRA {mode} schedule, cache {cache}, {refresh} refresh, shown for {steps} steps\n"
+                 f"H (early): {short(schedule.high)}   L (late): {short(schedule.low)}")
+        log.info("CMLoRA schedule: %s", title.replace("\n", "; "))
         return io.NodeOutput(schedule, timeline_plot(list(schedule.names), plans, title))
 
 

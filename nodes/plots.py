@@ -43,7 +43,7 @@ def profile_plot(profile: dict) -> torch.Tensor:
     img = Image.new("RGB", (w, h), (250, 250, 250))
     draw = ImageDraw.Draw(img)
     rows = [("no LoRA (baseline)", profile["baseline"], (0, 0, 0))]
-    rows += [(f"{e['name']} [{e['set']}]", e, PALETTE[i % len(PALETTE)]) for i, e in enumerate(profile["loras"])]
+    rows += [(f"{_short(e['name'])} [{e['set']}]", e, PALETTE[i % len(PALETTE)]) for i, e in enumerate(profile["loras"])]
     spectra = [(label, e["profile"], c) for label, e, c in rows]
     curves = [(label, e["curve"], c) for label, e, c in rows]
     _panel(draw, (40, 30, 430, 300), spectra, f"radial log-amplitude spectrum ({profile['source']})", "radius", font)
@@ -53,9 +53,15 @@ def profile_plot(profile: dict) -> torch.Tensor:
         draw.rectangle((40, y + 3, 52, y + 11), fill=c)
         draw.text((58, y), f"{label}: score {e['score']:.4f}", fill=(20, 20, 20), font=font)
         y += 15
-    draw.text((480, 318), "H (high-frequency, early): " + ", ".join(profile["high"]), fill=(20, 20, 20), font=font)
-    draw.text((480, 334), "L (low-frequency, late): " + ", ".join(profile["low"]), fill=(20, 20, 20), font=font)
+    draw.text((480, 318), "H (high-frequency, early): " + (", ".join(map(_short, profile["high"])) or "-"),
+              fill=(20, 20, 20), font=font)
+    draw.text((480, 334), "L (low-frequency, late): " + (", ".join(map(_short, profile["low"])) or "-"),
+              fill=(20, 20, 20), font=font)
     return _to_image(img)
+
+
+def _short(name: str) -> str:
+    return name.rsplit(".", 1)[0] if name.endswith((".safetensors", ".ckpt", ".pt")) else name
 
 
 def timeline_plot(names: list[str], plans: list, title: str) -> torch.Tensor:
@@ -64,22 +70,25 @@ def timeline_plot(names: list[str], plans: list, title: str) -> torch.Tensor:
 
     font = ImageFont.load_default()
     steps = len(plans)
-    cell = max(6, min(24, 700 // max(1, steps)))
-    left, top = 170, 40
-    w = left + cell * steps + 20
-    h = top + cell * len(names) + 60
-    img = Image.new("RGB", (max(w, 420), h), (250, 250, 250))
+    cell = max(6, min(28, 600 // max(1, steps)))
+    left, top = 200, 56
+    w = max(left + cell * steps + 20, 720)
+    h = top + cell * len(names) + 50
+    img = Image.new("RGB", (w, h), (250, 250, 250))
     draw = ImageDraw.Draw(img)
-    draw.text((10, 10), title, fill=(20, 20, 20), font=font)
+    for k, line in enumerate(title.split("\n")):
+        draw.text((10, 8 + 15 * k), line, fill=(20, 20, 20), font=font)
     shade = {"full": (40, 90, 200), "shallow": (160, 190, 235), "reuse": (225, 225, 225)}
     for r, name in enumerate(names):
-        draw.text((10, top + r * cell + cell // 2 - 6), name[:26], fill=(20, 20, 20), font=font)
+        draw.text((10, top + r * cell + cell // 2 - 6), _short(name)[:30], fill=(20, 20, 20), font=font)
         for c, plan in enumerate(plans):
             box = (left + c * cell, top + r * cell, left + (c + 1) * cell - 1, top + (r + 1) * cell - 1)
             draw.rectangle(box, fill=shade[plan.passes[r]])
             if plan.dominant == r:
                 draw.rectangle(box, outline=(230, 60, 40), width=2)
-    y = top + cell * len(names) + 10
-    draw.text((left, y), f"steps 0..{steps - 1}   dark: full pass   light: shallow pass   grey: reused   "
-                         "red frame: dominant", fill=(60, 60, 60), font=font)
+    y = top + cell * len(names) + 8
+    draw.text((left, y), f"steps 0..{steps - 1} (phase per step: {''.join(p.phase for p in plans)})",
+              fill=(60, 60, 60), font=font)
+    draw.text((left, y + 15), "dark: full pass   light: shallow pass   grey: reused   red frame: dominant",
+              fill=(60, 60, 60), font=font)
     return _to_image(img)

@@ -52,6 +52,7 @@ class RunTrace:
     shallow_passes: int = 0
     reused: int = 0
     shallow_fraction: float | None = None  # FLOPs of a shallow pass / a full pass
+    switched_at: int | None = None  # online: first step of the low-frequency phase
     plans: dict = field(default_factory=dict)  # step -> StepPlan (cmlora)
     seconds: float = 0.0
     status: str = "running"
@@ -168,6 +169,8 @@ class MultiLoraRuntime:
         try:
             out = executor(*args, **kwargs)
             self.trace.status = "finished"
+            if self._planner is not None:
+                self.trace.switched_at = self._planner.switched_at
             if self.method == "cmlora" and self._probe is not None:
                 self.trace.shallow_fraction = shallow_fraction(*self._probe)
             return out
@@ -345,6 +348,9 @@ class MultiLoraRuntime:
         elif self.method == "cmlora":
             text += (f", passes: {trace.full_passes} full, {trace.shallow_passes} shallow, {trace.reused} reused"
                      f" ({self.schedule.settings.mode}, cache {self.schedule.settings.cache})")
+            if self.schedule.settings.mode == "online":
+                text += (f"; switched to the low-frequency LoRAs at step {trace.switched_at}"
+                         if trace.switched_at is not None else "; never switched to the low-frequency LoRAs")
             ratio = self.flop_ratio(trace)
             if ratio is not None:
                 if trace.shallow_fraction is not None:

@@ -22,6 +22,9 @@ OUTPUTS = {
     "CMLoRA_Sampler": [("LATENT", "LATENT"), ("report", "STRING")],
     "VAEDecode": [("IMAGE", "IMAGE")],
     "SaveImage": [],
+    "PreviewImage": [],
+    "CMLoRA_Profiler": [("profile", "CMLORA_PROFILE"), ("plot", "IMAGE")],
+    "CMLoRA_FrequencyScheduler": [("schedule", "CMLORA_SCHEDULE"), ("timeline", "IMAGE")],
 }
 
 
@@ -60,11 +63,11 @@ STACK = [
 PROMPT = "a cat in front of mountains, watercolor"
 
 
-def composition(method: str, interval: int = 2, steps: int = 6):
+def composition(method: str, interval: int = 2, steps: int = 6, stack=STACK, schedule_mode=None):
     g = Graph()
     ckpt = g.add("CheckpointLoaderSimple", (0, 0), ["cmlora_tiny_sd15.safetensors"], (300, 100))
     prev = None
-    for i, values in enumerate(STACK):
+    for i, values in enumerate(stack):
         node = g.add("CMLoRA_LoraStack", (360, i * 230), values, (320, 210))
         if prev is not None:
             g.link(prev, 0, node, "stack", "CMLORA_STACK")
@@ -87,15 +90,41 @@ def composition(method: str, interval: int = 2, steps: int = 6):
     decode = g.add("VAEDecode", (1440, 0), [], (200, 50))
     g.link(sampler, 0, decode, "samples", "LATENT")
     g.link(ckpt, 2, decode, "vae", "VAE")
-    save = g.add("SaveImage", (1440, 100), [f"cmlora_{method}"], (300, 300))
+    save = g.add("SaveImage", (1440, 100), [f"cmlora_{schedule_mode or method}"], (300, 300))
     g.link(decode, 0, save, "images", "IMAGE")
+    if schedule_mode:
+        profiler = g.add("CMLoRA_Profiler", (1080, 420), [42, steps, 6.0, "euler", "normal"], (320, 300))
+        for src, slot, name, type_ in ((ckpt, 0, "model", "MODEL"), (prev, 0, "stack", "CMLORA_STACK"),
+                                       (pos, 0, "positive", "CONDITIONING"), (neg, 0, "negative", "CONDITIONING"),
+                                       (empty, 0, "latent_image", "LATENT"), (ckpt, 2, "vae", "VAE")):
+            g.link(src, slot, profiler, name, type_)
+        threshold = 0.96 if schedule_mode == "online" else 0.5
+        scheduler = g.add("CMLoRA_FrequencyScheduler", (1440, 420),
+                          [schedule_mode, 2, "deep", "nonuniform", 2, 0.55, threshold, "constant", True, steps],
+                          (320, 330))
+        g.link(profiler, 0, scheduler, "profile", "CMLORA_PROFILE")
+        g.link(scheduler, 0, sampler, "schedule", "CMLORA_SCHEDULE")
+        plot = g.add("PreviewImage", (1800, 0), [], (460, 300), "Profile plot")
+        g.link(profiler, 1, plot, "images", "IMAGE")
+        timeline = g.add("PreviewImage", (1800, 340), [], (460, 300), "Schedule timeline")
+        g.link(scheduler, 1, timeline, "images", "IMAGE")
     return g
+
+
+PROFILED_STACK = [
+    ("cmlora_demo_character.safetensors", 0.8, 0.8, True, "auto", "cat", ""),
+    ("cmlora_demo_style.safetensors", 0.8, 0.8, True, "auto", "watercolor", ""),
+    ("cmlora_demo_background.safetensors", 0.8, 0.8, True, "background", "mountains", ""),
+]
 
 
 WORKFLOWS = {
     "cmlora_merge": ("Merge: three LoRAs in the weights", lambda: composition("merge")),
     "cmlora_switch": ("LoRA Switch: one LoRA per step, rotating every 2 steps", lambda: composition("switch")),
     "cmlora_composite": ("LoRA Composite: every LoRA's prediction averaged each step", lambda: composition("composite")),
+    **{f"cmlora_{mode}": (f"CMLoRA ({mode}): profiler -> frequency scheduler -> sampler",
+                          (lambda mode=mode: composition("cmlora", stack=PROFILED_STACK, schedule_mode=mode)))
+       for mode in ("offline", "online", "async")},
 }
 
 

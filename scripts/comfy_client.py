@@ -133,10 +133,11 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
-def output_images(entry: dict) -> list[dict]:
+def output_images(entry: dict, kind: str = "output") -> list[dict]:
+    """Images a prompt saved (``kind`` "output"), or showed in preview nodes ("temp")."""
     images = []
     for out in entry.get("outputs", {}).values():
-        images.extend(out.get("images", []))
+        images.extend(i for i in out.get("images", []) if i.get("type", "output") == kind)
     return images
 
 

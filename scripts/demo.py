@@ -68,11 +68,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run the CMLoRA example workflows on a real ComfyUI server.")
     ap.add_argument("--host", type=Path, required=True, help="the ComfyUI folder (scripts/setup.sh prints it)")
     ap.add_argument("--workflow", action="append",
-                    help="example workflow name (repeatable); default: merge, switch and composite")
+                    help="example workflow name (repeatable); default: every example workflow")
     ap.add_argument("--out", type=Path, default=REPO / "demo_output")
     ap.add_argument("--thumbnails", action="store_true", help="also refresh example_workflows/*.jpg from the results")
     args = ap.parse_args(argv)
-    names = args.workflow or ["cmlora_merge", "cmlora_switch", "cmlora_composite"]
+    names = args.workflow or sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
     args.out.mkdir(parents=True, exist_ok=True)
     prepare_models(args.host)
     comfy_out = args.out / "comfy_output"

@@ -14,7 +14,8 @@ from _host import HOST, REPO
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_client import Server, output_images, output_texts, ui_to_api  # noqa: E402
 
-NODE_IDS = ["CMLoRA_LoraStack", "CMLoRA_StackFromLoraStack", "CMLoRA_ApplyClip", "CMLoRA_Apply", "CMLoRA_Sampler"]
+NODE_IDS = ["CMLoRA_LoraStack", "CMLoRA_StackFromLoraStack", "CMLoRA_ApplyClip", "CMLoRA_Apply", "CMLoRA_Sampler",
+            "CMLoRA_Profiler", "CMLoRA_FrequencyScheduler", "CMLoRA_SaveProfile", "CMLoRA_LoadProfile"]
 WORKFLOWS = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 
 
@@ -58,6 +59,10 @@ def test_example_workflow_runs_through_prompt_api(server, name):
     assert img.size == (64, 64)
     reports = [t for t in output_texts(entry) if t.startswith("method ")]
     assert reports and "3 LoRAs" in reports[0]
+    if name in ("cmlora_offline", "cmlora_online", "cmlora_async"):
+        assert f"({name.split('_')[1]}, cache deep)" in reports[0] and "x the UNet FLOPs of merge" in reports[0]
+        previews = output_images(entry, "temp")
+        assert len(previews) == 2  # the profile plot and the schedule timeline
 
 
 def test_bad_input_is_reported_by_the_server(server):
