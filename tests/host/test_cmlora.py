@@ -204,3 +204,33 @@ def test_bad_schedules(sd15, conds):
     msg = _error(cmlora, model, st, schedule(profile=fake)[0])
     assert "another base model" in msg
     assert "not a CMLoRA profile" in _error(schedule, profile={"x": 1})
+
+
+def test_online_switch_point_follows_threshold_in_a_real_run(sd15, conds):
+    model = sd15[0]
+    st = cat_stack(A, B, C)
+    switched = {}
+    for threshold in (0.0, 1.0):
+        patched = cmlora(model, st, schedule(st, mode="online", online_threshold=threshold)[0])
+        ksample(patched, conds, steps=4)
+        trace = patched.get_attachment("cmlora").last_trace
+        switched[threshold] = trace.switched_at
+        phases = [trace.plans[i].phase for i in range(4)]
+        if trace.switched_at is not None:
+            assert phases[trace.switched_at:] == ["L"] * (4 - trace.switched_at)
+    assert switched[0.0] is None  # 0 never switches
+    assert switched[1.0] == 1  # every score is below 1: the phase changes right after the first step
+
+
+def test_prediction_cache_reuses_whole_predictions(sd15, conds):
+    model = sd15[0]
+    st = cat_stack(A, B, C)
+    sched = schedule(st, cache="prediction", dominant_full=True)[0]
+    patched = cmlora(model, st, sched)
+    out = ksample(patched, conds, steps=4)
+    trace = patched.get_attachment("cmlora").last_trace
+    plans = [Planner(sched, 4).plan(i) for i in range(4)]
+    assert trace.shallow_passes == 0
+    assert trace.reused == sum(p.passes.count("reuse") for p in plans) > 0
+    assert trace.full_passes == sum(p.passes.count(FULL) for p in plans)
+    assert torch.isfinite(out).all()
