@@ -25,10 +25,15 @@ class Delta:
         raise NotImplementedError
 
     def cast(self, device, dtype) -> tuple:
-        key = (device, dtype)
+        # Outside inference mode (autograd for CLoRA's latent updates) tensors created under the
+        # host's inference mode cannot be saved for backward: keep a plain copy for that case.
+        plain = not torch.is_inference_mode_enabled()
+        key = (device, dtype, plain)
         hit = self._cast.get(key)
         if hit is None:
             hit = tuple(None if t is None else t.to(device=device, dtype=dtype) for t in self._tensors())
+            if plain:
+                hit = tuple(t.clone() if t is not None and t.is_inference() else t for t in hit)
             self._cast[key] = hit
         return hit
 

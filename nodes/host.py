@@ -147,6 +147,34 @@ def original_weights(model_patcher, keys: list[str]) -> dict:
     return out
 
 
+def is_eps_model(base_model) -> bool:
+    import comfy.model_base
+
+    return getattr(base_model, "model_type", None) == comfy.model_base.ModelType.EPS
+
+
+def tokens_of(clip, text: str) -> list[int]:
+    """Token ids of ``text`` as the CLIP-L tokenizer gives them, chunks concatenated (77 each)."""
+    tokens = clip.tokenize(text)
+    key = "l" if "l" in tokens else next(iter(tokens))
+    return [int(t[0]) for chunk in tokens[key] for t in chunk]
+
+
+def word_tokens(clip, text: str) -> list[int]:
+    """Token ids of ``text`` alone, without the start, end and padding tokens."""
+    tokens = clip.tokenize(text)
+    key = "l" if "l" in tokens else next(iter(tokens))
+    chunk = [int(t[0]) for t in tokens[key][0]]
+    end = chunk[-1]  # the end token, also used as padding
+    body = chunk[1:]
+    return body[:body.index(end)] if end in body else body
+
+
+def encode(clip, text: str):
+    """(cond, pooled) of ``text``."""
+    return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+
+
 def output_directory() -> str:
     return folder_paths.get_output_directory()
 

@@ -25,6 +25,9 @@ OUTPUTS = {
     "PreviewImage": [],
     "CMLoRA_Profiler": [("profile", "CMLORA_PROFILE"), ("plot", "IMAGE")],
     "CMLoRA_FrequencyScheduler": [("schedule", "CMLORA_SCHEDULE"), ("timeline", "IMAGE")],
+    "CLoRA_AttentionMasker": [("model", "MODEL"), ("positive", "CONDITIONING")],
+    "CLoRA_Masks": [("masks", "MASK"), ("overlay", "IMAGE")],
+    "KSampler": [("LATENT", "LATENT")],
 }
 
 
@@ -118,7 +121,52 @@ PROFILED_STACK = [
 ]
 
 
+CLORA_STACK = [
+    ("cmlora_demo_character.safetensors", 1.0, 1.0, True, "character", "cat", ""),
+    ("cmlora_demo_background.safetensors", 1.0, 1.0, True, "background", "mountains", ""),
+    ("cmlora_demo_style.safetensors", 0.8, 0.8, True, "style", "", ""),
+]
+
+
+def clora(steps: int = 6):
+    """Two subject LoRAs and a style LoRA through the CLoRA Attention Masker and a stock KSampler."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", (0, 0), ["cmlora_tiny_sd15.safetensors"], (300, 100))
+    prev = None
+    for i, values in enumerate(CLORA_STACK):
+        node = g.add("CMLoRA_LoraStack", (360, i * 230), values, (320, 210))
+        if prev is not None:
+            g.link(prev, 0, node, "stack", "CMLORA_STACK")
+        prev = node
+    masker = g.add("CLoRA_AttentionMasker", (720, 0),
+                   [PROMPT, 0.5, 20.0, 0.5, 3, 0.4, "conditional", "global"], (340, 330))
+    g.link(ckpt, 0, masker, "model", "MODEL")
+    g.link(ckpt, 1, masker, "clip", "CLIP")
+    g.link(prev, 0, masker, "stack", "CMLORA_STACK")
+    neg = g.add("CLIPTextEncode", (720, 380), ["blurry, lowres"], (300, 120), "Negative")
+    g.link(ckpt, 1, neg, "clip", "CLIP")
+    empty = g.add("EmptyLatentImage", (720, 540), [128, 128, 1], (300, 110))
+    sampler = g.add("KSampler", (1100, 0), [42, "fixed", steps, 5.0, "euler", "normal", 1.0], (320, 270))
+    g.link(masker, 0, sampler, "model", "MODEL")
+    g.link(masker, 1, sampler, "positive", "CONDITIONING")
+    g.link(neg, 0, sampler, "negative", "CONDITIONING")
+    g.link(empty, 0, sampler, "latent_image", "LATENT")
+    decode = g.add("VAEDecode", (1460, 0), [], (200, 50))
+    g.link(sampler, 0, decode, "samples", "LATENT")
+    g.link(ckpt, 2, decode, "vae", "VAE")
+    save = g.add("SaveImage", (1460, 100), ["clora_two_subjects"], (300, 300))
+    g.link(decode, 0, save, "images", "IMAGE")
+    masks = g.add("CLoRA_Masks", (1100, 320), [-1], (320, 120))
+    g.link(masker, 0, masks, "model", "MODEL")
+    g.link(sampler, 0, masks, "samples", "LATENT")
+    g.link(decode, 0, masks, "image", "IMAGE")
+    preview = g.add("PreviewImage", (1800, 0), [], (300, 300), "CLoRA masks")
+    g.link(masks, 1, preview, "images", "IMAGE")
+    return g
+
+
 WORKFLOWS = {
+    "clora_two_subjects": ("CLoRA: a cat LoRA and a mountains LoRA kept apart, a style LoRA everywhere", clora),
     "cmlora_merge": ("Merge: three LoRAs in the weights", lambda: composition("merge")),
     "cmlora_switch": ("LoRA Switch: one LoRA per step, rotating every 2 steps", lambda: composition("switch")),
     "cmlora_composite": ("LoRA Composite: every LoRA's prediction averaged each step", lambda: composition("composite")),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -148,3 +149,75 @@ def test_stack_rules(tmp_path):
     assert [e.name for e in require_model_entries(st, "N")] == ["a"]
     with pytest.raises(CMLoRAError, match=r"\[N\] input 'stack': the LoRA stack is empty"):
         require_model_entries(LoraStack(), "N")
+
+
+# ------------------------------------------------------------------ CLoRA (SPEC.md section 3)
+
+from cmlora_core.clora import (branch_masks, concept_masks, euler_correction, fuse, normalise_maps, nt_xent,  # noqa: E402
+                               token_positions, update_plan, x_space_step)
+
+
+def test_nt_xent_matches_a_hand_computed_example():
+    maps = torch.tensor([[0.0, 1.0, 2.0], [0.0, 2.0, 4.0], [4.0, 2.0, 0.0]])
+    # normalised: a = [0, .5, 1], b = [0, .5, 1], c = [1, .5, 0]; cos(a,b) = 1, cos(a,c) = cos(b,c) = .25/1.25 = 0.2
+    t = 0.5
+    s_ab, s_ac = 1.0 / t, 0.2 / t
+    # anchors a and b each have one positive (each other) and one negative (c); c has no positive
+    expected = -math.log(math.exp(s_ab) / (math.exp(s_ab) + math.exp(s_ac)))
+    assert float(nt_xent(maps, [0, 0, 1], t)) == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(normalise_maps(maps)[2], torch.tensor([1.0, 0.5, 0.0]))
+
+
+def test_one_gradient_step_lowers_the_loss():
+    torch.manual_seed(0)
+    maps = torch.rand(4, 16, requires_grad=True)
+    concept = [0, 0, 1, 1]
+    loss = nt_xent(maps, concept)
+    (grad,) = torch.autograd.grad(loss, maps)
+    assert float(nt_xent(maps.detach() - 0.05 * grad, concept)) < float(loss.detach())
+
+
+def test_update_plan_and_x_space_step():
+    plan = update_plan(50, stop_fraction=0.5, extra_iterations=20)
+    assert sorted(plan) == list(range(25))
+    assert plan[0] == 21 and plan[5] == 21 and plan[10] == 21 and plan[1] == 1
+    assert update_plan(10, stop_fraction=0.0) == {}
+    assert x_space_step(20.0, 2.0) == 100.0
+
+
+def test_euler_correction_makes_euler_continue_from_the_new_latent():
+    torch.manual_seed(0)
+    x, x_new, eps = torch.randn(3), torch.randn(3), torch.randn(3)
+    sigma, sigma_next = 3.0, 2.0
+    # the sampler steps from its own x with the corrected prediction ...
+    corrected = eps + euler_correction(x, x_new, sigma, sigma_next)
+    from_x = x + corrected * (sigma_next - sigma)
+    # ... and lands where a step from the updated latent lands
+    assert torch.allclose(from_x, x_new + eps * (sigma_next - sigma), atol=1e-6)
+
+
+def test_token_positions_and_masks():
+    assert token_positions([1, 5, 6, 7, 5, 6], [5, 6]) == [1, 2]
+    assert token_positions([1, 2], [3]) == []
+    a = torch.zeros(1, 2, 3)
+    a[0, 0, 2] = 1.0  # top-right corner of a 2x3 (non-square) map
+    a[0, 1, 0] = 0.3
+    m = concept_masks([a], 0.4)
+    assert m[0].tolist() == [[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    masks = branch_masks(m[None], (4, 6))
+    assert masks.shape == (2, 1, 1, 4, 6)
+    assert masks[1, 0, 0, :2, 4:].eq(1).all() and masks[0, 0, 0, :2, 4:].eq(0).all()
+    assert masks[0].sum() + masks[1].sum() == 24  # every pixel in exactly one mask here
+
+
+def test_fusion_formula_and_base_outside_masks():
+    torch.manual_seed(0)
+    outputs = torch.randn(3, 2, 4, 4, 4)
+    masks = torch.zeros(3, 2, 1, 4, 4)
+    masks[1, :, :, :2] = 1.0
+    masks[2, :, :, 1:3] = 1.0
+    masks[0] = (masks[1:].sum(0) == 0).float()
+    fused = fuse(outputs, masks)
+    assert torch.allclose(fused, (outputs * masks).sum(0) / masks.sum(0))
+    assert torch.equal(fused[:, :, 3], outputs[0][:, :, 3])  # in no subject's mask: the base prompt
+    assert torch.allclose(fused[:, :, 1], (outputs[1] + outputs[2])[:, :, 1] / 2)  # overlap: the mean

@@ -15,7 +15,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 from comfy_client import Server, output_images, output_texts, ui_to_api  # noqa: E402
 
 NODE_IDS = ["CMLoRA_LoraStack", "CMLoRA_StackFromLoraStack", "CMLoRA_ApplyClip", "CMLoRA_Apply", "CMLoRA_Sampler",
-            "CMLoRA_Profiler", "CMLoRA_FrequencyScheduler", "CMLoRA_SaveProfile", "CMLoRA_LoadProfile"]
+            "CMLoRA_Profiler", "CMLoRA_FrequencyScheduler", "CMLoRA_SaveProfile", "CMLoRA_LoadProfile",
+            "CLoRA_AttentionMasker", "CLoRA_Masks"]
 WORKFLOWS = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
 
 
@@ -56,6 +57,10 @@ def test_example_workflow_runs_through_prompt_api(server, name):
     assert images, "no image saved"
     path = server.output_dir_path / images[0].get("subfolder", "") / images[0]["filename"]
     img = Image.open(path)
+    if name.startswith("clora"):
+        assert img.size == (128, 128)
+        assert len(output_images(entry, "temp")) == 1  # the mask overlay
+        return
     assert img.size == (64, 64)
     reports = [t for t in output_texts(entry) if t.startswith("method ")]
     assert reports and "3 LoRAs" in reports[0]

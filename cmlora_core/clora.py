@@ -1,0 +1,110 @@
+"""CLoRA: contrastive attention loss, latent-update plan, attention masks and fusion (SPEC.md 3).
+
+Shapes: b = latent batch, P = prompt branches (0 = base prompt, 1..N = one per subject
+LoRA), h*w = tokens of the attention resolution, L = text tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def token_positions(prompt_ids: list[int], word_ids: list[int]) -> list[int]:
+    """Positions of the first occurrence of the token sequence ``word_ids`` in ``prompt_ids``."""
+    n = len(word_ids)
+    if n == 0:
+        return []
+    for i in range(len(prompt_ids) - n + 1):
+        if prompt_ids[i:i + n] == word_ids:
+            return list(range(i, i + n))
+    return []
+
+
+def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each flattened map to [0, 1]. maps: (K, D)."""
+    lo = maps.min(dim=1, keepdim=True).values
+    hi = maps.max(dim=1, keepdim=True).values
+    return (maps - lo) / (hi - lo).clamp_min(1e-8)
+
+
+def nt_xent(maps: torch.Tensor, concept: list[int], temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent (InfoNCE) over token maps; positives share a concept, negatives do not.
+
+    maps: (K, D) one flattened attention map per (prompt variation, concept token);
+    concept[k] is the concept of map k. After min-max normalisation, s_ij is the cosine
+    similarity / temperature, and for every ordered positive pair (i, j), i != j,
+    loss_ij = -log(exp(s_ij) / sum_{k != i} exp(s_ik)); the loss is their mean.
+    """
+    z = F.normalize(normalise_maps(maps), dim=1)
+    sim = z @ z.t() / temperature
+    k = sim.shape[0]
+    eye = torch.eye(k, dtype=torch.bool, device=sim.device)
+    log_denominator = torch.logsumexp(sim.masked_fill(eye, float("-inf")), dim=1, keepdim=True)
+    log_prob = sim - log_denominator
+    c = torch.tensor(concept, device=sim.device)
+    positive = (c[:, None] == c[None, :]) & ~eye
+    if not positive.any():
+        raise ValueError("NT-Xent needs at least two maps of one concept")
+    return -(log_prob[positive]).mean()
+
+
+def update_plan(total: int, stop_fraction: float = 0.5, extra_iterations: int = 20,
+                extra_at: tuple[float, ...] = (0.0, 0.1, 0.2)) -> dict[int, int]:
+    """Latent-update iterations per step: 1 for steps i < stop_fraction*T, plus
+    ``extra_iterations`` at the steps round(f*T) for f in ``extra_at`` (when updating)."""
+    stop = math.ceil(stop_fraction * total)
+    plan = {i: 1 for i in range(min(stop, total))}
+    for f in extra_at:
+        i = int(round(f * total))
+        if i in plan:
+            plan[i] += extra_iterations
+    return plan
+
+
+def x_space_step(eta: float, sigma: float) -> float:
+    """The reference's step z <- z - eta*grad_z L, written for x = z / sqrt(abar) = z*sqrt(1+sigma^2):
+    x <- x - eta*(1 + sigma^2)*grad_x L."""
+    return eta * (1.0 + sigma * sigma)
+
+
+def euler_correction(x: torch.Tensor, x_new: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """What to add to an eps prediction made at ``x_new`` so that an Euler step taken from
+    ``x`` lands where an Euler step from ``x_new`` lands: (x_new - x) / (sigma_next - sigma).
+
+    The sampler keeps its own x; the model can only answer. With this correction the host's
+    Euler (and DDIM, which ComfyUI runs as Euler) continues from the updated latent exactly.
+    """
+    return (x_new - x) / (sigma_next - sigma)
+
+
+def concept_masks(maps: list[torch.Tensor], threshold: float) -> torch.Tensor:
+    """Union over a concept's tokens of [A > threshold * max A], per batch element.
+
+    maps: list of (b, h, w) token maps of one LoRA's concept. Returns (b, h, w) float {0, 1}.
+    """
+    out = torch.zeros_like(maps[0], dtype=torch.float32)
+    for a in maps:
+        peak = a.flatten(1).max(dim=1).values.reshape(-1, 1, 1)
+        out = torch.maximum(out, (a > threshold * peak).float())
+    return out
+
+
+def branch_masks(subject_masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Masks of every branch at latent size: base first (pixels in no subject's mask).
+
+    subject_masks: (N, b, h, w) -> (N+1, b, 1, H, W), nearest upsampling.
+    """
+    n, b, h, w = subject_masks.shape
+    up = F.interpolate(subject_masks.reshape(n * b, 1, h, w), size=size, mode="nearest").reshape(n, b, 1, *size)
+    base = (up.sum(0, keepdim=True) == 0).float()
+    return torch.cat([base, up], dim=0)
+
+
+def fuse(outputs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mask-weighted mean of branch predictions: sum_p M_p * eps_p / sum_p M_p.
+
+    outputs: (P, b, C, H, W); masks: (P, b, 1, H, W), with every pixel in at least one mask.
+    """
+    return (outputs * masks).sum(0) / masks.sum(0).clamp_min(1e-8)

@@ -1,0 +1,200 @@
+"""CLoRA nodes: the Attention Masker (patched model) and the masks it found (MASK + overlay)."""
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+import torch.nn.functional as F
+
+from ..cmlora_core.clora import token_positions
+from ..cmlora_core.errors import CMLoRAError
+from ..cmlora_core.stack import require_model_entries
+from . import host
+from .clora_runtime import Branches, CLoRARuntime, CLoRASettings, attention_layers
+from .host import io
+from .loras import map_clip_lora, map_model_lora
+from .plots import PALETTE
+from .runtime import KEY
+from .stack_nodes import Stack
+
+log = logging.getLogger("cmlora")
+NODE = "CLoRA Attention Masker"
+
+
+def _with_trigger(prompt: str, concept: str, trigger: str) -> str:
+    """The prompt with the first whole-word occurrence of ``concept`` written with ``trigger``."""
+    if not trigger:
+        return prompt
+    return re.sub(rf"(?<!\w){re.escape(concept)}(?!\w)", f"{trigger} {concept}", prompt, count=1, flags=re.IGNORECASE)
+
+
+def _clip_with(clip, entries, node):
+    """A CLIP with the text-encoder weights of ``entries`` merged (entries without any are logged)."""
+    out = clip.clone()
+    for e in entries:
+        mapped = map_clip_lora(clip, e, node)
+        if mapped is None:
+            log.info("CLoRA: '%s' has no text-encoder weights; its prompt is encoded with the base CLIP", e.name)
+        else:
+            out.add_patches(mapped.patches, e.strength_clip)
+    return out
+
+
+def build_branches(clip, prompt, subjects, styles, node=NODE):
+    """Encode the base prompt and each subject's variation; locate every concept's tokens."""
+    if not prompt.strip():
+        raise CMLoRAError(node, "prompt", "the prompt is empty.", "write the prompt that names every subject.")
+    concepts = []
+    for e in subjects:
+        if not e.concept.strip():
+            raise CMLoRAError(node, "stack", f"LoRA '{e.name}' has no concept words.",
+                              "set its 'concept' on the LoRA Stack node to the prompt words it depicts, e.g. 'cat' "
+                              "(or give it the category 'style' to apply it everywhere).")
+        concepts.append(e.concept.strip())
+    word_ids = [host.word_tokens(clip, c) for c in concepts]
+    texts = [prompt] + [_with_trigger(prompt, c, e.trigger) for c, e in zip(concepts, subjects)]
+    contexts, tokens = [], []
+    for p, text in enumerate(texts):
+        ids = host.tokens_of(clip, text)
+        found = {}
+        for c, (concept, wid) in enumerate(zip(concepts, word_ids)):
+            pos = token_positions(ids, wid)
+            if not pos:
+                raise CMLoRAError(node, "prompt", f"the concept '{concept}' (LoRA '{subjects[c].name}') is not in the "
+                                  f"prompt '{text}'.", f"write '{concept}' in the prompt, or change the LoRA's concept.")
+            found[c] = pos
+        tokens.append(found)
+        branch_clip = _clip_with(clip, styles + ([subjects[p - 1]] if p else []), node)
+        cond, _ = host.encode(branch_clip, text)
+        contexts.append(cond)
+        if len(ids) > 77:
+            log.info("CLoRA: the prompt spans %d CLIP chunks; concept tokens are read across chunks", len(ids) // 77)
+    return texts, contexts, tokens, concepts
+
+
+class AttentionMasker(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CLoRA_AttentionMasker",
+            display_name="CLoRA Attention Masker",
+            category="sampling/cmlora",
+            description="Keeps subject LoRAs apart (a cat LoRA and a dog LoRA give a cat and a dog): while sampling, "
+                        "nudges the latent so each concept's cross-attention separates, then confines each LoRA to "
+                        "the region its concept attends to. Sample the output model with KSampler (euler or ddim).",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model."),
+                io.Clip.Input("clip", tooltip="The base text encoder; each branch is encoded with its LoRA merged."),
+                Stack.Input("stack", tooltip="Subject LoRAs with their 'concept' words (and triggers); "
+                                             "style-category LoRAs apply everywhere."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The base prompt naming every subject's concept words, e.g. 'a cat and a dog'."),
+                io.Float.Input("temperature", default=0.5, min=0.01, max=10.0, step=0.01,
+                               tooltip="Temperature of the contrastive (NT-Xent) loss."),
+                io.Float.Input("step_size", default=20.0, min=0.0, max=1000.0, step=0.5,
+                               tooltip="Latent update step (the paper's 20); 0 keeps the masks but skips updates."),
+                io.Float.Input("stop_fraction", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Update the latent during this first fraction of the steps."),
+                io.Int.Input("extra_iterations", default=20, min=0, max=200,
+                             tooltip="Extra update iterations at 0%, 10% and 20% of the steps."),
+                io.Float.Input("mask_threshold", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="A pixel joins a LoRA's mask where its concept's attention exceeds this "
+                                       "fraction of the maximum."),
+                io.Combo.Input("attention", options=["conditional", "both"], default="conditional",
+                               tooltip="Masks from the conditional pass only, or averaged with the unconditional one "
+                                       "(the reference code)."),
+                io.Combo.Input("style_scope", options=["global", "subjects"], default="global",
+                               tooltip="Style LoRAs apply everywhere, or only inside the subjects' masks."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model to sample (euler or ddim for exact updates)."),
+                io.Conditioning.Output(display_name="positive",
+                                       tooltip="The base prompt, encoded; wire it to the sampler's positive."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, stack, prompt, temperature, step_size, stop_fraction, extra_iterations,
+                mask_threshold, attention, style_scope):
+        entries = list(require_model_entries(stack, NODE))
+        subjects = [e for e in entries if e.category != "style"]
+        styles = [e for e in entries if e.category == "style"]
+        if not subjects:
+            raise CMLoRAError(NODE, "stack", "every LoRA in the stack is a style LoRA; CLoRA needs subjects.",
+                              "set the subject LoRAs' category (character, object, ...) and concept words.")
+        texts, contexts, tokens, concepts = build_branches(clip, prompt, subjects, styles)
+        ordered = subjects + styles
+        mapped = [map_model_lora(model, e, NODE) for e in ordered]
+        branches = Branches(contexts=[c.detach() for c in contexts], concept_tokens=tokens,
+                            subject_loras=list(range(len(subjects))),
+                            style_loras=list(range(len(subjects), len(ordered))), concept_names=concepts)
+        layers, ds = attention_layers(model.model.diffusion_model)
+        settings = CLoRASettings(temperature, step_size, stop_fraction, extra_iterations, mask_threshold, attention,
+                                 style_scope)
+        clone = model.clone()
+        CLoRARuntime(mapped, branches, settings, layers, ds).attach(clone)
+        for t in texts:
+            log.info("CLoRA branch prompt: %s", t)
+        base_cond, pooled = host.encode(_clip_with(clip, styles, NODE), prompt)
+        return io.NodeOutput(clone, [[base_cond, {"pooled_output": pooled}]])
+
+
+def _overlay(masks: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+    """masks (N, b, H, W) -> IMAGE (b, H, W, 3): each LoRA's region tinted over the image (or grey)."""
+    n, b, h, w = masks.shape
+    base = image if image is not None else torch.full((b, h, w, 3), 0.5)
+    out = base.clone().float()
+    for i in range(n):
+        colour = torch.tensor(PALETTE[i % len(PALETTE)], dtype=torch.float32) / 255.0
+        m = masks[i][..., None].float()
+        out = out * (1 - 0.5 * m) + colour * 0.5 * m
+    return out.clamp(0, 1)
+
+
+class MaskOutput(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CLoRA_Masks",
+            display_name="CLoRA Masks",
+            category="sampling/cmlora",
+            description="The per-LoRA masks the CLoRA Attention Masker used in its last run, as MASKs and as an "
+                        "overlay; pick a step to debug, or -1 for the last step.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model from CLoRA Attention Masker that was sampled."),
+                io.Latent.Input("samples", tooltip="The sampler's output (so this node runs after sampling)."),
+                io.Int.Input("step", default=-1, min=-1, max=10000, tooltip="The step whose masks to show; -1 = last."),
+                io.Image.Input("image", optional=True, tooltip="The decoded image to draw the masks over."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="masks", tooltip="One mask per subject LoRA (and batch image), "
+                                                             "in stack order, at image size."),
+                io.Image.Output(display_name="overlay", tooltip="The masks tinted over the image."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, samples, step, image=None):
+        node = "CLoRA Masks"
+        runtime = model.get_attachment(KEY)
+        if not isinstance(runtime, CLoRARuntime):
+            raise CMLoRAError(node, "model", "this model does not come from a CLoRA Attention Masker.",
+                              "connect the model output of CLoRA Attention Masker.")
+        run = runtime.last_clora
+        if run is None or not run.masks:
+            raise CMLoRAError(node, "samples", "the masked model has not been sampled yet.",
+                              "connect the sampler's LATENT output to 'samples'.")
+        steps = sorted(run.masks)
+        if step != -1 and step not in run.masks:
+            raise CMLoRAError(node, "step", f"no masks for step {step}; the run has steps {steps[0]}..{steps[-1]}.",
+                              "pick a step in that range, or -1.")
+        masks = run.masks[steps[-1] if step == -1 else step]  # (N, b, h, w) latent size
+        if image is not None:
+            size = tuple(image.shape[1:3])
+        else:
+            size = (masks.shape[-2] * 8, masks.shape[-1] * 8)
+        n, b = masks.shape[:2]
+        up = F.interpolate(masks.reshape(n * b, 1, *masks.shape[-2:]).float(), size=size, mode="nearest")
+        up = up.reshape(n, b, *size)
+        return io.NodeOutput(up.reshape(n * b, *size), _overlay(up, image))

@@ -1,0 +1,336 @@
+"""CLoRA during sampling: attention capture, contrastive latent updates, masks and fusion.
+
+One ``DIFFUSION_MODEL`` call of the host becomes, in order:
+
+1. at update steps, loss passes: the latent (read back from the model input) gets
+   ``x <- x - eta*(1+sigma^2)*grad_x L`` with L the NT-Xent loss of the concepts' cross-
+   attention maps. Gradients are taken outside the executor's inference mode on plain
+   copies of the weights; each loss pass stops right after the last attention layer the
+   loss reads, so autograd keeps only what that backward needs;
+2. one batched forward with a copy of the call's rows per prompt branch (base prompt and
+   one per subject LoRA, each with its LoRA routed in), which also captures the maps;
+3. masks from those maps, the branches fused by the masks, and — when the latent was
+   updated — the Euler correction that makes the sampler continue from the new latent.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cmlora_core.clora import (branch_masks, concept_masks, euler_correction, fuse, nt_xent, update_plan,
+                                 x_space_step)
+from ..cmlora_core.errors import CMLoRAError
+from ..cmlora_core.routing import Route, Routing, repeat_rows
+from ..cmlora_core.schedule import num_steps, step_index
+from . import host
+from .runtime import KEY, MultiLoraRuntime
+
+log = logging.getLogger("cmlora")
+NODE = "CLoRA Attention Masker"
+EXACT_SAMPLERS = ("sample_euler",)  # "euler" and "ddim" (ComfyUI runs DDIM as Euler)
+
+
+class _StopLoss(Exception):
+    """Raised by the attention patch once a loss pass has every map it needs."""
+
+
+@dataclass
+class CLoRASettings:
+    temperature: float = 0.5
+    step_size: float = 20.0
+    stop_fraction: float = 0.5
+    extra_iterations: int = 20
+    mask_threshold: float = 0.4
+    attention: str = "conditional"  # or "both"
+    style_scope: str = "global"  # or "subjects"
+
+
+@dataclass
+class Branches:
+    """Prompt branches: 0 = base prompt, p = subject LoRA p (stack order of the subjects)."""
+
+    contexts: list  # (1, L_p, D) per branch
+    concept_tokens: list  # per branch: {concept index: [token positions]}
+    subject_loras: list  # runtime LoRA index of branch p >= 1 (index p - 1)
+    style_loras: list  # runtime LoRA indices applied to every branch (or to subject branches)
+    concept_names: list  # concept words per subject
+
+
+@dataclass
+class CLoRATrace:
+    losses: dict = field(default_factory=dict)  # step -> [loss per iteration]
+    masks: dict = field(default_factory=dict)  # step -> (N, b, H, W) subject masks at latent size
+    sampler: str = ""
+
+
+def attention_layers(unet) -> tuple[list[tuple[str, int, int]], int]:
+    """(block, index, transformer index) of the cross-attention layers at 1/32 image resolution,
+    and their downsampling factor relative to the latent.
+
+    That is 1/4 of the latent (SD1.5: two input and three output layers, middle excluded);
+    a model without attention there uses its deepest attention level.
+    """
+    found = []  # (ds, block, index, depth)
+    ds = 1
+    for i, block in enumerate(unet.input_blocks):
+        for m in block:
+            if isinstance(m, host.Downsample):
+                ds *= 2
+            elif hasattr(m, "transformer_blocks"):
+                found.append((ds, "input", i, len(m.transformer_blocks)))
+    for i, block in enumerate(unet.output_blocks):
+        for m in block:
+            if hasattr(m, "transformer_blocks"):
+                found.append((ds, "output", i, len(m.transformer_blocks)))
+        if any(type(m).__name__ == "Upsample" for m in block):
+            ds //= 2
+    if not found:
+        raise CMLoRAError(NODE, "model", "this model has no cross-attention layers to read concepts from.",
+                          "use a UNet model (SD1.5, SDXL).")
+    target = 4 if any(d == 4 for d, *_ in found) else max(d for d, *_ in found)
+    return [(b, i, t) for d, b, i, depth in found if d == target for t in range(depth)], target
+
+
+def _fit_tokens(ctx: torch.Tensor, length: int) -> torch.Tensor:
+    """Repeat the token axis to ``length`` (a multiple): attention over repeated keys is unchanged."""
+    return ctx if ctx.shape[1] == length else ctx.repeat(1, length // ctx.shape[1], 1)
+
+
+class CLoRARuntime(MultiLoraRuntime):
+    def __init__(self, loras, branches: Branches, settings: CLoRASettings, layers, ds_factor: int):
+        super().__init__("clora", loras)
+        self.branches, self.settings, self.layers = branches, settings, layers
+        self.last_layer = layers[-1]
+        self.ds_factor = ds_factor
+        self.maps: list | None = None  # captured (rows, h*w, L) maps of the running pass
+        self.loss_pass = False
+        self.clora_trace: CLoRATrace | None = None
+        self.last_clora: CLoRATrace | None = None
+        self._grad_params: dict | None = None
+        self._updated: dict = {}
+        self._sampler_name = ""
+
+    # ------------------------------------------------------------------ installation
+    def attach(self, clone) -> None:
+        super().attach(clone)
+        clone.add_wrapper_with_key(host.WrappersMP.SAMPLER_SAMPLE, KEY, self.sampler_sample)
+        for block, index, t in self.layers:
+            clone.set_model_attn2_replace(self.attention, block, index, t)
+
+    def attention(self, q, k, v, extra_options):
+        """Cross-attention with its probabilities kept (mean over heads) at the target layers."""
+        heads = extra_options["n_heads"]
+        b, n, c = q.shape
+        d = c // heads
+        qh = q.reshape(b, n, heads, d).transpose(1, 2)
+        kh = k.reshape(b, -1, heads, d).transpose(1, 2)
+        vh = v.reshape(b, -1, heads, d).transpose(1, 2)
+        probs = (qh.float() @ kh.float().transpose(-1, -2) * d ** -0.5).softmax(-1)
+        out = (probs.to(vh.dtype) @ vh).transpose(1, 2).reshape(b, n, c)
+        if self.maps is not None:
+            self.maps.append(probs.mean(1))
+            key = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
+            if self.loss_pass and key == self.last_layer:
+                raise _StopLoss
+        return out
+
+    # ------------------------------------------------------------------ wrappers
+    def outer_sample(self, executor, *args, **kwargs):
+        self.clora_trace, self._updated, self._grad_params = CLoRATrace(), {}, None
+        try:
+            return super().outer_sample(executor, *args, **kwargs)
+        finally:
+            self.maps, self.loss_pass, self._grad_params, self._updated = None, False, None, {}
+            self.last_clora, self.clora_trace = self.clora_trace, None
+
+    def sampler_sample(self, executor, *args, **kwargs):
+        fn = getattr(executor.class_obj, "sampler_function", None)
+        self._sampler_name = getattr(fn, "__name__", "")
+        if self.clora_trace is not None:
+            self.clora_trace.sampler = self._sampler_name
+        return executor(*args, **kwargs)
+
+    def diffusion_model(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        to = transformer_options
+        points = self._schedule_points(to["sample_sigmas"])
+        step, total = step_index(points, to["sigmas"]), num_steps(points)
+        trace = self.trace
+        trace.steps = total
+        trace.model_calls += 1
+        host.throw_if_interrupted()
+        sigma = float(to["sigmas"].reshape(-1)[0])
+        model_sampling = self._base_model.model_sampling
+        chunks = list(to.get("cond_or_uncond", [0]))
+        b = x.shape[0] // len(chunks)
+        c_in = float(model_sampling.calculate_input(torch.tensor(sigma), torch.ones(1)).reshape(-1)[0])
+        x_latent = x[:b].float() / c_in  # every chunk holds the same latent rows
+        iterations = update_plan(total, self.settings.stop_fraction, self.settings.extra_iterations).get(step, 0)
+        x_new = None
+        if iterations and self.settings.step_size > 0 and len(self.branches.concept_names) >= 2:
+            x_new = self._updated.get(step)
+            if x_new is None:
+                self._check_exact()
+                x_new = self._update(executor.class_obj, x_latent, sigma, timesteps[:b], y, to, step, iterations)
+                self._updated[step] = x_new
+            x = (x_new * c_in).to(x.dtype).repeat(len(chunks), *([1] * (x.ndim - 1)))
+        out, masks = self._branch_forward(executor, x, timesteps, context, y, control, to, kwargs, chunks, b)
+        self.clora_trace.masks[step] = masks
+        if x_new is not None and step + 1 < len(points):
+            corr = euler_correction(x_latent, x_new, sigma, points[step + 1]).to(out.dtype)
+            out = out + corr.repeat(len(chunks), *([1] * (out.ndim - 1)))
+        return out
+
+    def describe_trace(self, trace) -> str:
+        text = super().describe_trace(trace)
+        run = self.last_clora if self.clora_trace is None else self.clora_trace
+        if run is not None and run.losses:
+            first, last = min(run.losses), max(run.losses)
+            updates = sum(len(v) for v in run.losses.values())
+            text += (f", {updates} latent updates on steps {first}..{last} (loss {run.losses[first][0]:.4f} -> "
+                     f"{run.losses[last][-1]:.4f})")
+        return text
+
+    # ------------------------------------------------------------------ passes
+    def _branch_routing(self, rows: int, copies: int) -> Routing:
+        """Copy p of the rows gets subject LoRA p (copy 0: none); style LoRAs by their scope."""
+        routes = [Route(lora, p * rows, (p + 1) * rows, self.loras[lora].entry.strength_model)
+                  for p, lora in enumerate(self.branches.subject_loras, start=1)]
+        first = 0 if self.settings.style_scope == "global" else rows
+        routes += [Route(lora, first, copies * rows, self.loras[lora].entry.strength_model)
+                   for lora in self.branches.style_loras]
+        return Routing(copies * rows, tuple(routes))
+
+    def _contexts(self, context, chunks, b, copies):
+        """The call's context repeated per branch, cond rows replaced by each branch's prompt."""
+        lengths = [c.shape[1] for c in self.branches.contexts] + [context.shape[1]]
+        length = math.lcm(*lengths)
+        base = _fit_tokens(context, length)
+        out = []
+        for p in range(copies):
+            ctx = base.clone()
+            branch = _fit_tokens(self.branches.contexts[p].to(ctx), length)
+            for j, kind in enumerate(chunks):
+                if kind == 0:
+                    ctx[j * b:(j + 1) * b] = branch
+            out.append(ctx)
+        return torch.cat(out), length
+
+    def _concept_maps(self, maps, rows, copies, b, chunks, length, size) -> list[list[torch.Tensor]]:
+        """Per subject p: its concept tokens' maps in its own branch, (b, h, w) each, layer-averaged."""
+        avg = torch.stack(maps).mean(0)  # (copies*rows, h*w, L)
+        h, w = size
+        use = [j for j, kind in enumerate(chunks) if kind == 0 or self.settings.attention == "both"]
+        out = []
+        for p in range(1, copies):
+            per_token = []
+            for t in self.branches.concept_tokens[p].get(p - 1, []):
+                reps = range(t, length, self.branches.contexts[p].shape[1])
+                a = sum(avg[p * rows + j * b:p * rows + (j + 1) * b, :, r] for j in use for r in reps) / len(use)
+                per_token.append(a.reshape(b, h, w))
+            out.append(per_token)
+        return out
+
+    def _attention_size(self, x) -> tuple[int, int]:
+        h, w = x.shape[-2], x.shape[-1]
+        for _ in range(int(math.log2(self.ds_factor))):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return h, w
+
+    def _branch_forward(self, executor, x, timesteps, context, y, control, to, kwargs, chunks, b):
+        copies = len(self.branches.contexts)
+        rows = x.shape[0]
+        ctx, length = self._contexts(context, chunks, b, copies)
+        rep = lambda v: repeat_rows(v, rows, copies)  # noqa: E731
+        to2 = dict(to)
+        to2["cond_or_uncond"] = chunks * copies
+        to2["uuids"] = list(to.get("uuids", [])) * copies
+        self.trace.call_rows.append(rows * copies)
+        self.maps, self.routing = [], self._branch_routing(rows, copies)
+        try:
+            out = executor(rep(x), rep(timesteps), ctx, rep(y), rep(control), to2,
+                           **{k: rep(v) for k, v in kwargs.items()})
+            maps = self.maps
+        finally:
+            self.maps, self.routing = None, None
+        size = self._attention_size(x)
+        subject = torch.stack([concept_masks(m, self.settings.mask_threshold)
+                               for m in self._concept_maps(maps, rows, copies, b, chunks, length, size)])
+        masks = branch_masks(subject, tuple(x.shape[-2:])).to(out)
+        outputs = out.reshape(copies, rows, *out.shape[1:])
+        fused = torch.cat([fuse(outputs[:, j * b:(j + 1) * b], masks) for j in range(len(chunks))])
+        return fused, masks[1:, :, 0].detach().cpu()
+
+    def _check_exact(self) -> None:
+        if self._sampler_name and self._sampler_name not in EXACT_SAMPLERS:
+            raise CMLoRAError(NODE, "step_size",
+                              f"contrastive latent updates are exact only with the euler and ddim samplers; this run "
+                              f"uses {self._sampler_name.replace('sample_', '')}.",
+                              "sample with euler or ddim, or set step_size to 0 to use the masks without updates.")
+        if not host.is_eps_model(self._base_model):
+            raise CMLoRAError(NODE, "step_size", "latent updates need an epsilon-prediction model.",
+                              "set step_size to 0 for this model.")
+
+    def _plain_params(self, unet) -> dict:
+        """Weights usable by autograd: plain copies of those created under inference mode (once per run)."""
+        if self._grad_params is None:
+            self._grad_params = {n: p.detach().clone() for n, p in unet.named_parameters() if p.is_inference()}
+        return self._grad_params
+
+    def _update(self, unet, x, sigma, timesteps, y, to, step, iterations):
+        """``iterations`` gradient steps on the latent x (b, C, H, W); returns the new latent."""
+        copies = len(self.branches.contexts)
+        b = x.shape[0]
+        losses = self.clora_trace.losses.setdefault(step, [])
+        scale = x_space_step(self.settings.step_size, sigma)
+        model_sampling = self._base_model.model_sampling
+        lengths = [c.shape[1] for c in self.branches.contexts]
+        length = math.lcm(*lengths)
+        to_loss = {k: v for k, v in to.items() if k not in ("wrappers", "callbacks")}
+        to_loss["cond_or_uncond"] = [0] * copies
+        size = self._attention_size(x)
+        with torch.inference_mode(False), torch.enable_grad():
+            # everything autograd touches is made here, outside the executor's inference mode
+            ctx = torch.cat([_fit_tokens(c, length).to(x.device) for c in self.branches.contexts]).repeat_interleave(b, 0)
+            params = self._plain_params(unet)
+            x = x.detach().clone()
+            for _ in range(iterations):
+                host.throw_if_interrupted()
+                xg = x.clone().requires_grad_(True)
+                xin = model_sampling.calculate_input(torch.tensor(sigma, device=x.device), xg)
+                xin = xin.to(unet.dtype if hasattr(unet, "dtype") and unet.dtype is not None else xin.dtype)
+                t = timesteps.detach().clone().repeat(copies)
+                yy = None if y is None else y[:b].detach().clone().repeat(copies, 1)
+                self.maps, self.loss_pass = [], True
+                self.routing = self._branch_routing(b, copies)
+                try:
+                    kwargs = {"context": ctx.to(xin.dtype), "transformer_options": dict(to_loss)}
+                    if yy is not None:
+                        kwargs["y"] = yy.to(xin.dtype)
+                    torch.func.functional_call(unet, params, (xin.repeat(copies, 1, 1, 1), t), kwargs, strict=False)
+                except _StopLoss:
+                    pass
+                finally:
+                    maps, self.maps, self.loss_pass, self.routing = self.maps, None, False, None
+                loss = self._loss(maps, b, copies, length, size)
+                grad = torch.autograd.grad(loss, xg)[0]
+                losses.append(float(loss.detach()))
+                x = (x - scale * grad).detach()
+        return x.detach()
+
+    def _loss(self, maps, b, copies, length, size) -> torch.Tensor:
+        """NT-Xent over every (branch, concept token) map; one term per latent batch element."""
+        avg = torch.stack(maps).mean(0)  # (copies*b, h*w, L)
+        total = 0.0
+        for e in range(b):
+            items, concept = [], []
+            for p in range(copies):
+                width = self.branches.contexts[p].shape[1]
+                for c, positions in self.branches.concept_tokens[p].items():
+                    for t in positions:
+                        items.append(sum(avg[p * b + e, :, r] for r in range(t, length, width)))
+                        concept.append(c)
+            total = total + nt_xent(torch.stack(items), concept, self.settings.temperature)
+        return total / b
