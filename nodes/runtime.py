@@ -24,7 +24,7 @@ import torch
 
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.routing import DenseDelta, LowRankDelta, RoutedLayer, Routing, combine_copies, repeat_rows
-from ..cmlora_core.cmlora import FULL, REUSE, SHALLOW, Planner, Schedule, validate_run
+from ..cmlora_core.cmlora import REUSE, SHALLOW, Planner, Schedule, validate_run
 from ..cmlora_core.schedule import composite_weights, num_steps, step_index, switch_active
 from ..cmlora_core.spectrum import batch_score
 from . import host

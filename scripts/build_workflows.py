@@ -66,8 +66,8 @@ STACK = [
 PROMPT = "a cat in front of mountains, watercolor"
 
 
-def composition(method: str, interval: int = 2, steps: int = 6, stack=STACK, schedule_mode=None):
-    g = Graph()
+def checkpoint_and_stack(g: Graph, stack):
+    """The demo checkpoint loader and a chain of LoRA Stack nodes; returns (loader, last stack node)."""
     ckpt = g.add("CheckpointLoaderSimple", (0, 0), ["cmlora_tiny_sd15.safetensors"], (300, 100))
     prev = None
     for i, values in enumerate(stack):
@@ -75,6 +75,12 @@ def composition(method: str, interval: int = 2, steps: int = 6, stack=STACK, sch
         if prev is not None:
             g.link(prev, 0, node, "stack", "CMLORA_STACK")
         prev = node
+    return ckpt, prev
+
+
+def composition(method: str, interval: int = 2, steps: int = 6, stack=STACK, schedule_mode=None):
+    g = Graph()
+    ckpt, prev = checkpoint_and_stack(g, stack)
     clip = g.add("CMLoRA_ApplyClip", (720, 0), [], (240, 50))
     g.link(ckpt, 1, clip, "clip", "CLIP")
     g.link(prev, 0, clip, "stack", "CMLORA_STACK")
@@ -131,13 +137,7 @@ CLORA_STACK = [
 def clora(steps: int = 6):
     """Two subject LoRAs and a style LoRA through the CLoRA Attention Masker and a stock KSampler."""
     g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", (0, 0), ["cmlora_tiny_sd15.safetensors"], (300, 100))
-    prev = None
-    for i, values in enumerate(CLORA_STACK):
-        node = g.add("CMLoRA_LoraStack", (360, i * 230), values, (320, 210))
-        if prev is not None:
-            g.link(prev, 0, node, "stack", "CMLORA_STACK")
-        prev = node
+    ckpt, prev = checkpoint_and_stack(g, CLORA_STACK)
     masker = g.add("CLoRA_AttentionMasker", (720, 0),
                    [PROMPT, 0.5, 20.0, 0.5, 3, 0.4, "conditional", "global"], (340, 330))
     g.link(ckpt, 0, masker, "model", "MODEL")

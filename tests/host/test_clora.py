@@ -4,12 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy.model_management
-import comfy.samplers
 
-from _util import Recorder, ksample, stack
+from _util import ksample, stack
 
-from comfyui_cmlora.cmlora_core.clora import branch_masks, fuse
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.clora_nodes import AttentionMasker, MaskOutput
 

@@ -12,7 +12,7 @@ from _util import Recorder, apply, diffusion_out, ksample, lora_loader, stack
 
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.apply_nodes import ApplyNode, SamplerNode
-from comfyui_cmlora.nodes.loras import map_model_lora, map_clip_lora
+from comfyui_cmlora.nodes.loras import map_model_lora
 from comfyui_cmlora.nodes.stack_nodes import ApplyClip, StackFromLoraStack
 
 FORMATS = {"kohya": "kohya", "locon": "locon", "peft": "peft", "loha": "loha", "lokr": "lokr"}
