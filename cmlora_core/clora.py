@@ -43,11 +43,13 @@ def nt_xent(maps: torch.Tensor, concept: list[int], temperature: float = 0.5) ->
     eye = torch.eye(k, dtype=torch.bool, device=sim.device)
     log_denominator = torch.logsumexp(sim.masked_fill(eye, float("-inf")), dim=1, keepdim=True)
     log_prob = sim - log_denominator
-    c = torch.tensor(concept, device=sim.device)
-    positive = (c[:, None] == c[None, :]) & ~eye
-    if not positive.any():
+    # the positive pairs depend only on ``concept``: built on the CPU, no device sync, no data-dependent shapes
+    c = torch.tensor(concept)
+    positive = (c[:, None] == c[None, :]) & ~torch.eye(k, dtype=torch.bool)
+    count = int(positive.sum())
+    if count == 0:
         raise ValueError("NT-Xent needs at least two maps of one concept")
-    return -(log_prob[positive]).mean()
+    return -(log_prob * positive.to(log_prob)).sum() / count
 
 
 def update_plan(total: int, stop_fraction: float = 0.5, extra_iterations: int = 20,

@@ -11,7 +11,7 @@ from ..cmlora_core.clora import token_positions
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import require_model_entries
 from . import host
-from .clora_runtime import Branches, CLoRARuntime, CLoRASettings, attention_layers
+from .clora_runtime import Branches, CLoRARuntime, CLoRASettings, attach_clora
 from .host import io
 from .loras import map_clip_lora, map_model_lora
 from .plots import PALETTE
@@ -129,11 +129,9 @@ class AttentionMasker(io.ComfyNode):
         branches = Branches(contexts=[c.detach() for c in contexts], concept_tokens=tokens,
                             subject_loras=list(range(len(subjects))),
                             style_loras=list(range(len(subjects), len(ordered))), concept_names=concepts)
-        layers, ds = attention_layers(model.model.diffusion_model)
         settings = CLoRASettings(temperature, step_size, stop_fraction, extra_iterations, mask_threshold, attention,
                                  style_scope)
-        clone = model.clone()
-        CLoRARuntime(mapped, branches, settings, layers, ds).attach(clone)
+        clone = attach_clora(model, mapped, branches, settings)
         for t in texts:
             log.info("CLoRA branch prompt: %s", t)
         base_cond, pooled = host.encode(_clip_with(clip, styles, NODE), prompt)

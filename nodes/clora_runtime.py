@@ -94,6 +94,11 @@ def attention_layers(unet) -> tuple[list[tuple[str, int, int]], int]:
     return [(b, i, t) for d, b, i, depth in found if d == target for t in range(depth)], target
 
 
+def _value(t: torch.Tensor) -> float:
+    """A scalar tensor's value; NaN on the meta device, where the benchmark counts FLOPs without values."""
+    return math.nan if t.is_meta else float(t.detach())
+
+
 def _fit_tokens(ctx: torch.Tensor, length: int) -> torch.Tensor:
     """Repeat the token axis to ``length`` (a multiple): attention over repeated keys is unchanged."""
     return ctx if ctx.shape[1] == length else ctx.repeat(1, length // ctx.shape[1], 1)
@@ -186,11 +191,12 @@ class CLoRARuntime(MultiLoraRuntime):
     def describe_trace(self, trace) -> str:
         text = super().describe_trace(trace)
         run = self.last_clora if self.clora_trace is None else self.clora_trace
-        if run is not None and run.losses:
-            first, last = min(run.losses), max(run.losses)
-            updates = sum(len(v) for v in run.losses.values())
-            text += (f", {updates} latent updates on steps {first}..{last} (loss {run.losses[first][0]:.4f} -> "
-                     f"{run.losses[last][-1]:.4f})")
+        losses = {step: v for step, v in run.losses.items() if v} if run is not None else {}
+        if losses:
+            first, last = min(losses), max(losses)
+            updates = sum(len(v) for v in losses.values())
+            text += (f", {updates} latent updates on steps {first}..{last} (loss {losses[first][0]:.4f} -> "
+                     f"{losses[last][-1]:.4f})")
         return text
 
     # ------------------------------------------------------------------ passes
@@ -261,7 +267,8 @@ class CLoRARuntime(MultiLoraRuntime):
         masks = branch_masks(subject, tuple(x.shape[-2:])).to(out)
         outputs = out.reshape(copies, rows, *out.shape[1:])
         fused = torch.cat([fuse(outputs[:, j * b:(j + 1) * b], masks) for j in range(len(chunks))])
-        return fused, masks[1:, :, 0].detach().cpu()
+        subject_masks = masks[1:, :, 0].detach()
+        return fused, subject_masks if subject_masks.is_meta else subject_masks.cpu()
 
     def _check_exact(self) -> None:
         if self._sampler_name and self._sampler_name not in EXACT_SAMPLERS:
@@ -316,7 +323,7 @@ class CLoRARuntime(MultiLoraRuntime):
                     maps, self.maps, self.loss_pass, self.routing = self.maps, None, False, None
                 loss = self._loss(maps, b, copies, length, size)
                 grad = torch.autograd.grad(loss, xg)[0]
-                losses.append(float(loss.detach()))
+                losses.append(_value(loss))
                 x = (x - scale * grad).detach()
         return x.detach()
 
@@ -334,3 +341,11 @@ class CLoRARuntime(MultiLoraRuntime):
                         concept.append(c)
             total = total + nt_xent(torch.stack(items), concept, self.settings.temperature)
         return total / b
+
+
+def attach_clora(model, loras, branches: Branches, settings: CLoRASettings):
+    """A clone of ``model`` that samples with CLoRA (what the Attention Masker node outputs)."""
+    layers, ds = attention_layers(model.model.diffusion_model)
+    clone = model.clone()
+    CLoRARuntime(loras, branches, settings, layers, ds).attach(clone)
+    return clone

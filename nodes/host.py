@@ -137,6 +137,15 @@ def sample_latent(model, seed, steps, cfg, sampler_name, scheduler, positive, ne
                                noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=True, seed=seed)
 
 
+def load_model(model_patcher) -> None:
+    """Load (and patch) the model the way sampling does, ahead of it."""
+    comfy.model_management.load_models_gpu([model_patcher])
+
+
+def unload_models() -> None:
+    comfy.model_management.unload_all_models()
+
+
 def original_weights(model_patcher, keys: list[str]) -> dict:
     """Weights as loaded from the checkpoint (before any LoRA the host may have folded in)."""
     out = {}

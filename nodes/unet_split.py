@@ -84,8 +84,23 @@ def shallow_forward(unet, split: UNetSplit, x, timesteps, context, y, deep, tran
     return unet.out(h.type(x.dtype))
 
 
+_FRACTIONS: dict = {}  # (architecture, split, input shapes) -> fraction: counted once per process
+
+
 def shallow_fraction(unet, split: UNetSplit, x, timesteps, context, y) -> float:
-    """FLOPs of a shallow pass over FLOPs of a full pass, counted on these inputs (one row)."""
+    """FLOPs of a shallow pass over FLOPs of a full pass, counted on these inputs (one row).
+
+    The count depends only on the architecture and the shapes, so it is made once per
+    process for each (later runs pay nothing for it).
+    """
+    key = (tuple((n, tuple(p.shape)) for n, p in unet.named_parameters()), split, x.device.type,
+           tuple(x.shape[1:]), tuple(context.shape[1:]), None if y is None else tuple(y.shape[1:]))
+    if key not in _FRACTIONS:
+        _FRACTIONS[key] = _count_fraction(unet, split, x, timesteps, context, y)
+    return _FRACTIONS[key]
+
+
+def _count_fraction(unet, split: UNetSplit, x, timesteps, context, y) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     sink: list = []

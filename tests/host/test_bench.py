@@ -1,0 +1,124 @@
+"""The benchmark's FLOP runs on the real host: pass counts against the schedules, exact costs.
+
+Runs the small SD1.5-layout UNet on the meta device (fast), through the same wrappers and
+nodes' functions as ``python -m benchmarks``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def bench(pack):
+    from benchmarks.flops import MetaBench
+
+    b = MetaBench("small", STEPS)
+    b.run(_case("cmlora", 2))  # the runtime's one-time FLOP probe, as the benchmark does
+    return b
+
+
+def _case(method, n, **kw):
+    from benchmarks.harness import Case
+
+    return Case(method, n, **kw)
+
+
+def _all_cases():
+    from benchmarks.harness import CMLORA_CACHES, CMLORA_MODES
+
+    out = [_case("clora", 1), _case("clora", 2), _case("clora", 3, updates=False)]
+    for n in (1, 3):
+        out += [_case("merge", n), _case("switch", n), _case("composite", n), _case("composite-seq", n)]
+    out += [_case("cmlora", 3, mode=m, cache=c) for m in CMLORA_MODES for c in CMLORA_CACHES]
+    return out + [_case("cmlora", 2), _case("cmlora", 3, dominant_full=False)]
+
+
+def test_every_method_runs_the_passes_its_schedule_prescribes(bench):
+    from benchmarks.flops import check_passes
+
+    problems = {}
+    for case in _all_cases():
+        result = bench.run(case)
+        assert result["trace"].get("status", "finished") == "finished"
+        diff = check_passes(case, result["trace"], STEPS)
+        if diff:
+            problems[f"{case.label} N={case.n}"] = diff
+    assert not problems
+
+
+def test_check_passes_notices_a_run_that_differs(bench):
+    from benchmarks.flops import check_passes
+
+    result = bench.run(_case("cmlora", 3))
+    trace = dict(result["trace"])
+    assert check_passes(_case("cmlora", 3), trace, STEPS) == []
+    trace["shallow"] -= 1
+    trace["full"] += 1
+    assert check_passes(_case("cmlora", 3), trace, STEPS)
+    assert check_passes(_case("cmlora", 3, cache="none"), result["trace"], STEPS)
+
+
+def test_flops_are_the_sum_of_the_passes(bench):
+    """Composite is N full routed passes per call; cmlora meets its structural bound exactly;
+    switch adds only its refolds to merge; CLoRA's updates cost loss passes on top of its branches."""
+    from benchmarks.flops import cmlora_bound
+
+    costs = bench.pass_costs()
+    assert costs["shallow_unet"] < costs["full_unet"] < costs["full_lora"]
+    one = bench.run(_case("composite", 1))["flops"]
+    assert one == STEPS * costs["full_lora"]
+    for n in (2, 3):
+        assert bench.run(_case("composite", n))["flops"] == n * one
+        assert bench.run(_case("composite-seq", n))["flops"] == n * one
+        for cache in ("deep", "prediction", "none"):
+            case = _case("cmlora", n, cache=cache)
+            result = bench.run(case)
+            assert result["flops"] == cmlora_bound(case, result["trace"], costs, STEPS)
+    # merge folds its N LoRAs once at load; switch folds one LoRA per change of the active one
+    merge1, merge2 = bench.run(_case("merge", 1))["flops"], bench.run(_case("merge", 2))["flops"]
+    fold = merge2 - merge1
+    switch = bench.run(_case("switch", 3))
+    assert fold > 0 and switch["trace"]["folds"] == 2
+    assert switch["flops"] == merge1 + fold * (switch["trace"]["folds"] - 1)
+    clora = bench.run(_case("clora", 2))
+    plain = bench.run(_case("clora", 2, updates=False))
+    # without updates: per call one forward of three copies, the base prompt's without LoRA
+    assert plain["flops"] == STEPS * (costs["full_unet"] + 2 * costs["full_lora"])
+    assert clora["flops"] > plain["flops"] and clora["trace"]["loss_passes"] > 0
+
+
+def test_meta_runs_leave_the_base_model_as_it_was(bench):
+    model = bench.model
+    before = {k: v for k, v in model.model.state_dict(keep_vars=True).items()}
+    for method in ("merge", "switch", "composite", "cmlora", "clora"):
+        bench.run(_case(method, 2))
+    after = model.model.state_dict(keep_vars=True)
+    assert all(after[k] is v for k, v in before.items())
+    assert not model.patches and not model.backup
+
+
+def test_sequential_composite_equals_the_batched_one(pack):
+    """The benchmark's reference (one forward per LoRA) computes the pack's composite."""
+    from benchmarks.harness import build_model, mapped_loras, patched_model, sample
+
+    with torch.inference_mode():
+        model = build_model("small", "cpu", torch.float32)
+        loras = mapped_loras(model, 3, 8, "cpu", torch.float32)
+    outs = []
+    for method in ("composite", "composite-seq"):
+        m, pos, neg = patched_model(_case(method, 3), model, loras, "small")
+        outs.append(sample(m, pos, neg, "small", 2, size=32))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, params, layers", [("sd15", 859_520_964, 192), ("sdxl", 2_567_463_684, 722)])
+def test_full_size_architectures_are_the_real_ones(pack, arch, params, layers):
+    """The FLOP tables' UNets have exactly the parameter count of the released SD1.5 / SDXL UNets."""
+    from benchmarks.harness import build_model, lora_targets
+
+    model = build_model(arch, "meta", torch.float16)
+    assert sum(p.numel() for p in model.model.diffusion_model.parameters()) == params
+    assert len(lora_targets(model)) == layers
