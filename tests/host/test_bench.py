@@ -91,13 +91,16 @@ def test_flops_are_the_sum_of_the_passes(bench):
 
 
 def test_meta_runs_leave_the_base_model_as_it_was(bench):
+    """After every method: weights restored (same shapes and dtypes, no backups left), no
+    routing hook left on any layer, no wrapper of the pack on the base model."""
     model = bench.model
-    before = {k: v for k, v in model.model.state_dict(keep_vars=True).items()}
+    before = {k: (v.shape, v.dtype) for k, v in model.model.state_dict().items()}
     for method in ("merge", "switch", "composite", "cmlora", "clora"):
         bench.run(_case(method, 2))
-    after = model.model.state_dict(keep_vars=True)
-    assert all(after[k] is v for k, v in before.items())
-    assert not model.patches and not model.backup
+    assert {k: (v.shape, v.dtype) for k, v in model.model.state_dict().items()} == before
+    assert not model.backup and not model.patches
+    assert not [name for name, m in model.model.named_modules() if m._forward_hooks]
+    assert all(set(by_key) == {"benchmark"} for by_key in model.wrappers.values())
 
 
 def test_sequential_composite_equals_the_batched_one(pack):
