@@ -1,6 +1,6 @@
 """python -m benchmarks: FLOPs, wall time and peak memory of every method, side by side.
 
-    python -m benchmarks                       FLOPs (SD1.5 + SDXL, meta device) and CPU timing
+    python -m benchmarks                       FLOPs (SD1.5 + SDXL, meta device) and CPU timing, ~7 min
     python -m benchmarks --device cuda         timing at full size in fp16 on a CUDA GPU
     python -m benchmarks --full                every SDXL case too (about 20 minutes more)
     python -m benchmarks --markdown BENCHMARKS.md   also write the tables into that file
@@ -32,7 +32,7 @@ STEPS = 30
 def flop_cases(arch: str, full: bool) -> list[Case]:
     """Merge, switch, composite for N = 1..5; CMLoRA for N = 2..5 in each schedule mode and each
     cache mode, and with the dominant LoRA shallow between refreshes; CLoRA (with and without its
-    latent updates) for N = 1..3. --full: every mode x cache pair, CLoRA up to N = 5, and all of
+    latent updates) for N = 1..2. --full: every mode x cache pair, CLoRA up to N = 5, and all of
     it for SDXL too (by default SDXL gets merge, switch, composite and CMLoRA offline/deep)."""
     variants = [("offline", "deep", True), ("offline", "prediction", True), ("offline", "none", True),
                 ("online", "deep", True), ("async", "deep", True), ("offline", "deep", False)]
@@ -44,7 +44,7 @@ def flop_cases(arch: str, full: bool) -> list[Case]:
         out += [Case("merge", n), Case("switch", n), Case("composite", n)]
         if n >= 2:
             out += [Case("cmlora", n, m, c, d) for m, c, d in (variants[:1] if light else variants)]
-        if not light and (full or n <= 3):
+        if not light and (full or n <= 2):
             out.append(Case("clora", n))
             if n >= 2:
                 out.append(Case("clora", n, updates=False))

@@ -133,20 +133,37 @@ def timing_section(rows: list[dict], device: str, settings: dict, rounds: int) -
              "",
              "| method | N | seconds (min–max) | time vs merge | peak MiB | memory vs merge |",
              "|---|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["case"].n, _ORDER.get(r["case"].method, 9), r["case"].label)):
+    for r in sorted(rows, key=lambda r: case_key(r["case"])):
         c = r["case"]
         lines.append(f"| {c.label} | {c.n} | {r['seconds']:.2f} ({r['min']:.2f}–{r['max']:.2f}) | "
                      f"{_ratio(r['time_ratio'], 2)} | {r['peak'] / 2**20:.0f} | {_ratio(r['peak_ratio'], 2)} |")
+    gpu = device == "cuda"
     lines += ["", "Batching (composite as one forward vs N sequential forwards of the same routed model):", ""]
+    ratios = []
     for n in NS:
         b, s = by.get(("composite", n)), by.get(("composite, N sequential", n))
         if b and s:
+            ratios.append(b["seconds"] / s["seconds"])
             lines.append(f"- N={n}: batched {b['seconds']:.2f} s, sequential {s['seconds']:.2f} s "
-                         f"-> batched takes {b['seconds'] / s['seconds']:.2f} of the time")
+                         f"-> batched takes {ratios[-1]:.2f} of the time")
+    lines += ["", "Targets:", ""]
+    if ratios:
+        ok = max(ratios) < 1.0 if gpu else max(ratios) <= 1.0
+        lines.append(f"- composite batched vs N sequential forwards: at most {max(ratios):.2f} of the time "
+                     f"(target: {'faster' if gpu else 'not slower'} on {'a GPU' if gpu else 'the CPU'}): "
+                     f"{'met' if ok else 'NOT met'}.")
     switch = [by[("switch", n)]["time_ratio"] for n in NS if ("switch", n) in by]
     if switch:
-        lines.append(f"- switch vs merge: {min(switch):.2f}–{max(switch):.2f} of merge's time over N=1..5"
-                     + (" (GPU target: at most 1.05)" if device == "cuda" else ""))
+        line = f"- switch vs merge: {min(switch):.2f}–{max(switch):.2f} of merge's time over N=1..5"
+        line += (f" (target on a GPU: at most 1.05): {'met' if max(switch) <= 1.05 else 'NOT met'}." if gpu
+                 else " (the GPU target of 1.05 is checked with --device cuda).")
+        lines.append(line)
+    clora = by.get(("clora", 2))
+    if clora and clora["time_ratio"] is not None:
+        line = f"- clora with two LoRAs: {clora['time_ratio']:.2f}x merge's time"
+        line += (f" (target on a GPU: below 7.5x): {'met' if clora['time_ratio'] < 7.5 else 'NOT met'}." if gpu
+                 else f" at {settings['steps']} steps (the GPU target is checked with --device cuda at 30 steps).")
+        lines.append(line)
     return "\n".join(lines)
 
 
