@@ -24,7 +24,7 @@ from . import report
 from .flops import flop_task
 from .harness import CMLORA_CACHES, CMLORA_MODES, REPO, Case, import_host
 
-BEGIN, END = "<!-- benchmark output: begin -->", "<!-- benchmark output: end -->"
+MARKER = "<!-- benchmark output{}: {} -->"  # where --markdown writes; --section names another pair
 RESULTS = REPO / ".cache" / "bench" / "results.json"  # raw results of the last run (--report-only reads them)
 STEPS = 30
 
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (each case once per round)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="FLOP counting processes")
     ap.add_argument("--markdown", help="write the tables into this file, between the benchmark-output markers")
+    ap.add_argument("--section", default="", help="write between the markers of this name (e.g. sd15-full)")
     ap.add_argument("--report-only", action="store_true", help=f"re-render the tables of the last run ({RESULTS})")
     args = ap.parse_args(argv)
     part = args.part or ("time" if args.device == "cuda" else "all")
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     text = render(results)
     print(text)
     if args.markdown:
-        write_markdown(args.markdown, text)
+        write_markdown(args.markdown, text, args.section)
     return 0
 
 
@@ -138,15 +139,17 @@ def render(results: dict) -> str:
     return "\n\n".join(sections)
 
 
-def write_markdown(path: str, text: str) -> None:
+def write_markdown(path: str, text: str, section: str = "") -> None:
+    name = f" {section}" if section else ""
+    begin, end = MARKER.format(name, "begin"), MARKER.format(name, "end")
     with open(path) as f:
         doc = f.read()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{path} has no '{BEGIN}' ... '{END}' markers to write between")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{path} has no '{begin}' ... '{end}' markers to write between")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
     with open(path, "w") as f:
-        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+        f.write(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 if __name__ == "__main__":
