@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import sys
-import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict

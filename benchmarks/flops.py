@@ -30,9 +30,8 @@ RANK = 32
 
 def meta_wrappers(model_patcher, calls: list) -> None:
     """The two wrappers (see the module docstring); ``calls`` receives the rows of each model call."""
-    import torch
-
     import comfy.patcher_extension as ext
+    import torch
 
     def prepare(executor, model, noise_shape, conds, model_options=None):
         model.patch_model(device_to=None)
@@ -56,7 +55,7 @@ def meta_attention():
     """PyTorch's attention while counting: the host's CPU default asks the device for free
     memory, which meta cannot answer. Every implementation does the same two matrix products,
     so the count does not depend on the choice."""
-    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules import attention
 
     saved = attention.optimized_attention
     attention.optimized_attention = attention.attention_pytorch
@@ -95,7 +94,6 @@ class MetaBench:
     def pass_costs(self) -> dict:
         """FLOPs of one call's passes: plain UNet, full and shallow with one LoRA routed."""
         import torch
-
         from comfyui_cmlora.cmlora_core.routing import Routing
         from comfyui_cmlora.nodes.runtime import MultiLoraRuntime
         from comfyui_cmlora.nodes.unet_split import capture_patch, find_split, shallow_forward
@@ -158,7 +156,14 @@ def expected_passes(case: Case, steps: int, calls_per_step: int, switched_at: in
     batched); switched_at: the online phase change the run reported (it depends on the data).
     """
     from comfyui_cmlora.cmlora_core.clora import update_plan
-    from comfyui_cmlora.cmlora_core.cmlora import FULL, SHALLOW, Planner, Schedule, ScheduleSettings, sets_from_categories
+    from comfyui_cmlora.cmlora_core.cmlora import (
+        FULL,
+        SHALLOW,
+        Planner,
+        Schedule,
+        ScheduleSettings,
+        sets_from_categories,
+    )
     from comfyui_cmlora.cmlora_core.schedule import switch_active
 
     from .harness import CATEGORIES

@@ -130,10 +130,9 @@ def unet_config(arch_key: str) -> dict:
 
 def build_model(arch_key: str, device: str, dtype, seed: int = 0):
     """The host's model class with this architecture: weights random, or absent on 'meta'."""
-    import torch
-
     import comfy.model_patcher
     import comfy.supported_models
+    import torch
 
     config_cls = comfy.supported_models.SDXL if ARCHS[arch_key].family == "SDXL" else comfy.supported_models.SD15
     config = config_cls(unet_config(arch_key))
@@ -169,7 +168,6 @@ def lora_tensors(model_patcher, rank: int, seed: int, device: str, dtype) -> dic
     """A kohya-format LoRA (diffusers layer names, as Civitai files have) of ``rank`` on every
     target layer; empty tensors on 'meta'."""
     import torch
-
     from comfyui_cmlora.nodes import host
 
     names: dict[str, str] = {}
@@ -274,9 +272,8 @@ def runtime_of(model):
 def sample(model, positive, negative, arch_key: str, steps: int, size: int | None = None, cfg: float = 5.0,
            seed: int = 1):
     """The host's sampling call (euler, normal schedule), under inference mode as in the executor."""
-    import torch
-
     import comfy.sample
+    import torch
 
     side = (size or ARCHS[arch_key].size) // 8
     latent = torch.zeros(1, 4, side, side)

@@ -38,9 +38,9 @@ def _flop_arch(arch: str, costs: dict, run_list: list, steps: int) -> str:
     f_lora = costs["shallow_lora"] / costs["full_lora"]
     lines = [f"### FLOPs per image: {a.name}, {a.size}x{a.size}, {steps} steps, CFG (cond and uncond in one call)",
              "",
-             f"One UNet call on the CFG pair: {costs['full_unet'] / 1e12:.3f} TFLOP; with one rank-32 LoRA routed: "
-             f"{costs['full_lora'] / 1e12:.3f}. CMLoRA's shallow pass: f = {f_unet:.3f} of a call "
-             f"({f_lora:.3f} with the LoRA routed).",
+             (f"One UNet call on the CFG pair: {costs['full_unet'] / 1e12:.3f} TFLOP; with one rank-32 LoRA routed: "
+              f"{costs['full_lora'] / 1e12:.3f}. CMLoRA's shallow pass: f = {f_unet:.3f} of a call "
+              f"({f_lora:.3f} with the LoRA routed)."),
              "",
              "Ratio to merge with the same N (merge's row: TFLOP per image).",
              "",
@@ -128,8 +128,8 @@ def timing_section(rows: list[dict], device: str, settings: dict, rounds: int) -
     by = {(r["case"].label, r["case"].n): r for r in rows}
     what = ("the small UNet (test fixture's layout, width 128), fp32, CPU" if device == "cpu"
             else f"the full-size {a.name} UNet, {settings['dtype']}, CUDA")
-    lines = [f"### Wall time and peak memory: {what}, {settings['size']}x{settings['size']}, "
-             f"{settings['steps']} steps, euler, CFG 5, rank-32 LoRAs, median of {rounds} alternating rounds",
+    lines = [(f"### Wall time and peak memory: {what}, {settings['size']}x{settings['size']}, "
+              f"{settings['steps']} steps, euler, CFG 5, rank-32 LoRAs, median of {rounds} alternating rounds"),
              "",
              "| method | N | seconds (min–max) | time vs merge | peak MiB | memory vs merge |",
              "|---|---:|---:|---:|---:|---:|"]

@@ -14,6 +14,7 @@ so that freed tensors go back to the system at once and every run starts from th
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -133,7 +134,7 @@ def worker(device: str, rounds: int, cases: list[Case]) -> list[dict]:
         order = built[r % len(built):] + built[:r % len(built)]
         for c, m, pos, neg in order:
             host.unload_models()  # every case starts from the unpatched model, as after a workflow change
-            seconds, peak = meter.measure(lambda: host.load_model(m), lambda: run(m, pos, neg))
+            seconds, peak = meter.measure(functools.partial(host.load_model, m), functools.partial(run, m, pos, neg))
             results.append({"round": r, "case": asdict(c), "seconds": seconds, "peak_bytes": peak})
             print(f"  round {r + 1}/{rounds} {c.label} N={c.n}: {seconds:.2f}s", file=sys.stderr, flush=True)
     return results
@@ -147,7 +148,7 @@ def run_timing(device: str, rounds: int, cases: list[Case] | None = None) -> lis
     cmd = [sys.executable, "-m", "benchmarks.timing", payload]
     from .harness import REPO
 
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"timing worker failed (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
