@@ -156,17 +156,10 @@ def expected_passes(case: Case, steps: int, calls_per_step: int, switched_at: in
     batched); switched_at: the online phase change the run reported (it depends on the data).
     """
     from comfyui_cmlora.cmlora_core.clora import update_plan
-    from comfyui_cmlora.cmlora_core.cmlora import (
-        FULL,
-        SHALLOW,
-        Planner,
-        Schedule,
-        ScheduleSettings,
-        sets_from_categories,
-    )
+    from comfyui_cmlora.cmlora_core.cmlora import FULL, SHALLOW, Planner
     from comfyui_cmlora.cmlora_core.schedule import switch_active
 
-    from .harness import CATEGORIES
+    from .harness import cmlora_schedule
 
     calls = steps * calls_per_step
     out = {"model_calls": calls}
@@ -182,10 +175,7 @@ def expected_passes(case: Case, steps: int, calls_per_step: int, switched_at: in
         out["rows_per_call"] = 2 * (case.n + 1)  # base prompt + one branch per subject, cond and uncond
         out["loss_passes"] = sum(update_plan(steps).values()) if case.n >= 2 and case.updates else 0
     else:
-        settings = ScheduleSettings(mode=case.mode, cache=case.cache, dominant_full=case.dominant_full)
-        high, low = sets_from_categories([CATEGORIES[i % len(CATEGORIES)] for i in range(case.n)])
-        names = tuple(f"bench_lora_{i}" for i in range(case.n))
-        planner = Planner(Schedule(settings, tuple(high), tuple(low), names), steps)
+        planner = Planner(cmlora_schedule(case), steps)
         full = shallow = 0
         for s in range(steps):
             if switched_at is not None and s == switched_at:

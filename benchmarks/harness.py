@@ -52,7 +52,7 @@ class Arch:
 ARCHS = {
     "sd15": Arch("SD1.5", "SD15", 512, 768),
     "sdxl": Arch("SDXL", "SDXL", 1024, 2048, 1280),
-    "small": Arch("small SD1.5-layout", "SD15", 128, 768),
+    "small": Arch("small SD1.5-layout", "SD15", 64, 768),
 }
 
 # categories given to LoRA i: background LoRAs form CMLoRA's low-frequency set
@@ -97,21 +97,6 @@ class Case:
         if self.method == "composite-seq":
             return "composite, N sequential"
         return self.method
-
-    def valid(self) -> bool:
-        """CMLoRA needs 2+ LoRAs; CLoRA's loss needs 2+ subjects (1 still runs: masks only)."""
-        return self.n >= 2 or self.method != "cmlora"
-
-
-def flop_cases(ns=range(1, 6)) -> list[Case]:
-    out = []
-    for n in ns:
-        out += [Case("merge", n), Case("switch", n), Case("composite", n)]
-        out += [Case("cmlora", n, m, c) for m in CMLORA_MODES for c in CMLORA_CACHES]
-        out += [Case("cmlora", n, "offline", "deep", dominant_full=False), Case("clora", n)]
-        if n >= 2:
-            out.append(Case("clora", n, updates=False))
-    return [c for c in out if c.valid()]
 
 
 # ---------------------------------------------------------------- models, LoRAs, conditioning
@@ -206,8 +191,7 @@ def mapped_loras(model_patcher, n: int, rank: int, device: str, dtype) -> list:
                                             host.unet_key_map(model_patcher))
         if not_loaded:
             raise RuntimeError(f"benchmark LoRA keys not loaded: {not_loaded[:3]}")
-        entry = LoraEntry(name=f"bench_lora_{i}", path="", category=CATEGORIES[i % len(CATEGORIES)],
-                          concept=f"concept{i}")
+        entry = LoraEntry(name=lora_name(i), path="", category=lora_category(i), concept=f"concept{i}")
         out.append(MappedLora(entry, patches, [], 0))
     return out
 
@@ -238,7 +222,6 @@ def concept_positions(n: int) -> list[dict]:
 
 def patched_model(case: Case, model_patcher, loras: list, arch_key: str):
     """(model, positive, negative) for the case, built by the nodes' own functions."""
-    from comfyui_cmlora.cmlora_core.cmlora import Schedule, ScheduleSettings, sets_from_categories
     from comfyui_cmlora.nodes.clora_runtime import Branches, CLoRASettings, attach_clora
     from comfyui_cmlora.nodes.runtime import apply_method
 
@@ -255,12 +238,26 @@ def patched_model(case: Case, model_patcher, loras: list, arch_key: str):
         from .sequential import apply_sequential_composite
 
         return apply_sequential_composite(model_patcher, loras), pos, neg
-    schedule = None
-    if case.method == "cmlora":
-        settings = ScheduleSettings(mode=case.mode, cache=case.cache, dominant_full=case.dominant_full)
-        high, low = sets_from_categories([ml.entry.category for ml in loras])
-        schedule = Schedule(settings, tuple(high), tuple(low), tuple(ml.entry.name for ml in loras))
+    schedule = cmlora_schedule(case) if case.method == "cmlora" else None
     return apply_method(model_patcher, loras, case.method, 5, "benchmark", schedule), pos, neg
+
+
+def lora_name(i: int) -> str:
+    return f"bench_lora_{i}"
+
+
+def lora_category(i: int) -> str:
+    return CATEGORIES[i % len(CATEGORIES)]
+
+
+def cmlora_schedule(case: Case):
+    """The case's CMLoRA schedule over its N LoRAs, split by their categories (as the Frequency
+    Scheduler does without a profile)."""
+    from comfyui_cmlora.cmlora_core.cmlora import Schedule, ScheduleSettings, sets_from_categories
+
+    settings = ScheduleSettings(mode=case.mode, cache=case.cache, dominant_full=case.dominant_full)
+    high, low = sets_from_categories([lora_category(i) for i in range(case.n)])
+    return Schedule(settings, tuple(high), tuple(low), tuple(lora_name(i) for i in range(case.n)))
 
 
 def runtime_of(model):

@@ -128,7 +128,7 @@ def timing_section(rows: list[dict], device: str, settings: dict, rounds: int) -
     by = {(r["case"].label, r["case"].n): r for r in rows}
     what = ("the small UNet (test fixture's layout, width 128), fp32, CPU" if device == "cpu"
             else f"the full-size {a.name} UNet, {settings['dtype']}, CUDA")
-    lines = [(f"### Wall time and peak memory: {what}, {settings['size']}x{settings['size']}, "
+    lines = [(f"### Wall time and peak memory: {what}, {a.size}x{a.size}, "
               f"{settings['steps']} steps, euler, CFG 5, rank-32 LoRAs, median of {rounds} alternating rounds"),
              "",
              "| method | N | seconds (min–max) | time vs merge | peak MiB | memory vs merge |",

@@ -27,8 +27,8 @@ from dataclasses import asdict
 from .harness import Case
 
 SETTINGS = {
-    "cpu": {"arch": "small", "size": 64, "steps": 8, "dtype": "float32"},
-    "cuda": {"arch": "sd15", "size": 512, "steps": 30, "dtype": "float16"},
+    "cpu": {"arch": "small", "steps": 8, "dtype": "float32"},  # image sizes: harness.ARCHS
+    "cuda": {"arch": "sd15", "steps": 30, "dtype": "float16"},
 }
 
 
@@ -124,11 +124,11 @@ def worker(device: str, rounds: int, cases: list[Case]) -> list[dict]:
     meter = Meter(device)
 
     def run(m, pos, neg):
-        sample(m, pos, neg, s["arch"], s["steps"], size=s["size"])
+        sample(m, pos, neg, s["arch"], s["steps"])
 
     for c, m, pos, neg in built:  # warm-up: first-call allocations, the host loading the model
         if c.method != "clora":  # (CLoRA's first step alone runs 61 loss passes; its first round warms it)
-            sample(m, pos, neg, s["arch"], c.n if c.method == "cmlora" else 1, size=s["size"])
+            sample(m, pos, neg, s["arch"], c.n if c.method == "cmlora" else 1)
     results = []
     for r in range(rounds):
         order = built[r % len(built):] + built[:r % len(built)]
