@@ -218,9 +218,6 @@ def cmlora_bound(case: Case, trace: dict, costs: dict, steps: int) -> float:
     return expected["full"] * costs["full_lora"] + expected["shallow"] * costs["shallow_lora"]
 
 
-def tflop(x: float) -> str:
-    return f"{x / 1e12:.2f}"
-
 
 _BENCHES: dict = {}
 

@@ -32,7 +32,7 @@ SETTINGS = {
 }
 
 
-def timing_cases(device: str, ns=range(1, 6)) -> list[Case]:
+def timing_cases(ns=range(1, 6)) -> list[Case]:
     """Merge, switch and composite for N = 1..5; composite as N sequential forwards and CMLoRA
     (offline, deep cache) for N = 2..5 (with one LoRA both are plain composite); CLoRA with two."""
     out = []
@@ -142,7 +142,7 @@ def worker(device: str, rounds: int, cases: list[Case]) -> list[dict]:
 
 def run_timing(device: str, rounds: int, cases: list[Case] | None = None) -> list[dict]:
     """The timing worker in a fresh process; returns its measurements."""
-    cases = cases or timing_cases(device)
+    cases = cases or timing_cases()
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "CMLORA_BENCH_DEVICE": device}
     payload = json.dumps({"device": device, "rounds": rounds, "cases": [asdict(c) for c in cases]})
     cmd = [sys.executable, "-m", "benchmarks.timing", payload]
