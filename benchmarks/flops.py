@@ -33,7 +33,7 @@ def meta_wrappers(model_patcher, calls: list) -> None:
     import comfy.patcher_extension as ext
     import torch
 
-    def prepare(executor, model, noise_shape, conds, model_options=None):
+    def prepare(executor, model, noise_shape, conds, *args, **kwargs):  # newer hosts pass more options
         model.patch_model(device_to=None)
         return model.model, conds, []
 

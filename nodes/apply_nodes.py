@@ -26,7 +26,7 @@ def _apply_inputs():
                                "step, rotating. composite: every LoRA's prediction averaged each step. cmlora: "
                                "frequency-scheduled dominant LoRA (needs a schedule)."),
         io.Int.Input("switch_interval", default=5, min=1, max=1000,
-                     tooltip="Switch: steps each LoRA stays active before the next one takes over."),
+                     tooltip="Switch: steps each LoRA stays active before the next one takes over.", **host.ADVANCED),
         Schedule.Input("schedule", optional=True, tooltip="A CMLoRA frequency schedule (method 'cmlora' only)."),
     ]
 
@@ -56,8 +56,9 @@ def patched_model(model, stack, method, switch_interval, schedule, node):
 class ApplyNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return host.schema(
             node_id="CMLoRA_Apply",
+            search_aliases=['multi lora', 'lora composite', 'lora switch', 'lora merge', 'compose loras'],
             display_name="CMLoRA Apply",
             category="loaders/cmlora",
             description="Patches the model so that any sampler (KSampler, KSamplerAdvanced, SamplerCustomAdvanced) "
@@ -75,8 +76,9 @@ class ApplyNode(io.ComfyNode):
 class SamplerNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return host.schema(
             node_id="CMLoRA_Sampler",
+            search_aliases=['multi lora sampler', 'lora composite', 'lora switch', 'ksampler lora'],
             display_name="CMLoRA Sampler",
             category="sampling/cmlora",
             description="CMLoRA Apply and a KSampler in one node: composes the stack's LoRAs while sampling.",

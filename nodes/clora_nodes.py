@@ -76,8 +76,9 @@ def build_branches(clip, prompt, subjects, styles, node=NODE):
 class AttentionMasker(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return host.schema(
             node_id="CLoRA_AttentionMasker",
+            search_aliases=['clora', 'contrastive lora', 'lora masks', 'multi character lora'],
             display_name="CLoRA Attention Masker",
             category="sampling/cmlora",
             description="Keeps subject LoRAs apart (a cat LoRA and a dog LoRA give a cat and a dog): while sampling, "
@@ -91,21 +92,21 @@ class AttentionMasker(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="The base prompt naming every subject's concept words, e.g. 'a cat and a dog'."),
                 io.Float.Input("temperature", default=0.5, min=0.01, max=10.0, step=0.01,
-                               tooltip="Temperature of the contrastive (NT-Xent) loss."),
+                               tooltip="Temperature of the contrastive (NT-Xent) loss.", **host.ADVANCED),
                 io.Float.Input("step_size", default=20.0, min=0.0, max=1000.0, step=0.5,
                                tooltip="Latent update step (the paper's 20); 0 keeps the masks but skips updates."),
                 io.Float.Input("stop_fraction", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Update the latent during this first fraction of the steps."),
+                               tooltip="Update the latent during this first fraction of the steps.", **host.ADVANCED),
                 io.Int.Input("extra_iterations", default=20, min=0, max=200,
-                             tooltip="Extra update iterations at 0%, 10% and 20% of the steps."),
+                             tooltip="Extra update iterations at 0%, 10% and 20% of the steps.", **host.ADVANCED),
                 io.Float.Input("mask_threshold", default=0.4, min=0.0, max=1.0, step=0.01,
                                tooltip="A pixel joins a LoRA's mask where its concept's attention exceeds this "
                                        "fraction of the maximum."),
                 io.Combo.Input("attention", options=["conditional", "both"], default="conditional",
                                tooltip="Masks from the conditional pass only, or averaged with the unconditional one "
-                                       "(the reference code)."),
+                                       "(the reference code).", **host.ADVANCED),
                 io.Combo.Input("style_scope", options=["global", "subjects"], default="global",
-                               tooltip="Style LoRAs apply everywhere, or only inside the subjects' masks."),
+                               tooltip="Style LoRAs apply everywhere, or only inside the subjects' masks.", **host.ADVANCED),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model to sample (euler or ddim for exact updates)."),
@@ -153,8 +154,9 @@ def _overlay(masks: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
 class MaskOutput(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return host.schema(
             node_id="CLoRA_Masks",
+            search_aliases=['clora masks', 'lora attention mask'],
             display_name="CLoRA Masks",
             category="sampling/cmlora",
             description="The per-LoRA masks the CLoRA Attention Masker used in its last run, as MASKs and as an "

@@ -26,7 +26,7 @@ from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.routing import Route, Routing, repeat_rows
 from ..cmlora_core.schedule import num_steps, step_index
 from . import host
-from .runtime import KEY, MultiLoraRuntime
+from .runtime import MultiLoraRuntime, runtime_of
 
 log = logging.getLogger("cmlora")
 NODE = "CLoRA Attention Masker"
@@ -104,26 +104,46 @@ def _fit_tokens(ctx: torch.Tensor, length: int) -> torch.Tensor:
     return ctx if ctx.shape[1] == length else ctx.repeat(1, length // ctx.shape[1], 1)
 
 
+def _attention(q, k, v, extra_options):
+    return runtime_of(extra_options, NODE).attention(q, k, v, extra_options)
+
+
+def _sampler_sample(executor, *args, **kwargs):
+    extra_args = kwargs["extra_args"] if "extra_args" in kwargs else args[2]
+    return runtime_of(extra_args["model_options"]["transformer_options"], NODE).sampler_sample(executor, *args, **kwargs)
+
+
 class CLoRARuntime(MultiLoraRuntime):
     def __init__(self, loras, branches: Branches, settings: CLoRASettings, layers, ds_factor: int):
-        super().__init__("clora", loras)
         self.branches, self.settings, self.layers = branches, settings, layers
         self.last_layer = layers[-1]
         self.ds_factor = ds_factor
+        super().__init__("clora", loras)
+        self.last_clora: CLoRATrace | None = None
+
+    def _reset(self) -> None:
+        super()._reset()
         self.maps: list | None = None  # captured (rows, h*w, L) maps of the running pass
         self.loss_pass = False
         self.clora_trace: CLoRATrace | None = None
-        self.last_clora: CLoRATrace | None = None
         self._grad_params: dict | None = None
         self._updated: dict = {}
         self._sampler_name = ""
 
+    def on_model_patcher_clone(self):
+        twin = super().on_model_patcher_clone()
+        twin.last_clora = None
+        return twin
+
+    def row_factor(self) -> int:
+        return len(self.branches.contexts)
+
     # ------------------------------------------------------------------ installation
     def attach(self, clone) -> None:
         super().attach(clone)
-        clone.add_wrapper_with_key(host.WrappersMP.SAMPLER_SAMPLE, KEY, self.sampler_sample)
+        clone.add_wrapper_with_key(host.WrappersMP.SAMPLER_SAMPLE, self.KEY, _sampler_sample)
         for block, index, t in self.layers:
-            clone.set_model_attn2_replace(self.attention, block, index, t)
+            clone.set_model_attn2_replace(_attention, block, index, t)
 
     def attention(self, q, k, v, extra_options):
         """Cross-attention with its probabilities kept (mean over heads) at the target layers."""

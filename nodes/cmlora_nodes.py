@@ -25,8 +25,9 @@ PROFILE_DIR = "cmlora_profiles"
 class ProfilerNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return host.schema(
             node_id="CMLoRA_Profiler",
+            search_aliases=['lora frequency', 'lora fourier profile'],
             display_name="CMLoRA LoRA Profiler",
             category="sampling/cmlora",
             description="Samples the base model and each LoRA alone with the same seed and prompt, measures how much "
@@ -65,8 +66,9 @@ class ProfilerNode(io.ComfyNode):
 class SchedulerNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return host.schema(
             node_id="CMLoRA_FrequencyScheduler",
+            search_aliases=['lora schedule', 'frequency schedule', 'cmlora'],
             display_name="CMLoRA Frequency Scheduler",
             category="sampling/cmlora",
             description="Plans which LoRA dominates each step (high-frequency LoRAs early, low-frequency late) and "
@@ -87,22 +89,22 @@ class SchedulerNode(io.ComfyNode):
                                        "runs fully every step."),
                 io.Combo.Input("refresh", options=list(REFRESH), default="nonuniform",
                                tooltip="When caches refresh: nonuniform (every 2, then 3, then 2 steps) or uniform "
-                                       "(every refresh_interval steps)."),
-                io.Int.Input("refresh_interval", default=2, min=1, max=1000, tooltip="uniform refresh: steps between refreshes."),
+                                       "(every refresh_interval steps).", **host.ADVANCED),
+                io.Int.Input("refresh_interval", default=2, min=1, max=1000, tooltip="uniform refresh: steps between refreshes.", **host.ADVANCED),
                 io.Float.Input("h_to_l_fraction", default=0.55, min=0.0, max=1.0, step=0.01,
-                               tooltip="offline: fraction of the steps led by high-frequency LoRAs."),
+                               tooltip="offline: fraction of the steps led by high-frequency LoRAs.", **host.ADVANCED),
                 io.Float.Input("online_threshold", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="online: switch to low-frequency LoRAs when the predicted image's "
-                                       "high-frequency score falls below this (0 never switches)."),
+                                       "high-frequency score falls below this (0 never switches).", **host.ADVANCED),
                 io.Combo.Input("w_dom", options=list(W_DOM), default="constant",
                                tooltip="Weight of the dominant LoRA: constant N - 0.5 (reference code) or decaying "
-                                       "to 1 over the run (our reading of the paper)."),
+                                       "to 1 over the run (our reading of the paper).", **host.ADVANCED),
                 io.Boolean.Input("dominant_full", default=True,
                                  tooltip="Give the dominant LoRA a full pass every step (the paper); off reproduces "
-                                         "the reference code, where it runs shallow between refreshes."),
+                                         "the reference code, where it runs shallow between refreshes.", **host.ADVANCED),
                 Stack.Input("stack", optional=True, tooltip="The stack, used when no profile is connected."),
                 io.Int.Input("preview_steps", default=20, min=1, max=1000,
-                             tooltip="Steps drawn in the timeline picture only; the plan follows the sampler's steps."),
+                             tooltip="Steps drawn in the timeline picture only; the plan follows the sampler's steps.", **host.ADVANCED),
             ],
             outputs=[
                 ScheduleType.Output(display_name="schedule", tooltip="The plan, computed for the sampler's step count."),
@@ -155,8 +157,9 @@ def _profile_dir() -> str:
 class SaveProfile(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return host.schema(
             node_id="CMLoRA_SaveProfile",
+            search_aliases=['save lora profile'],
             display_name="CMLoRA Save Profile",
             category="sampling/cmlora",
             description="Writes a profile as JSON to output/cmlora_profiles, to reuse it without profiling again.",
@@ -184,8 +187,9 @@ class LoadProfile(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         files = sorted(f for f in os.listdir(_profile_dir()) if f.endswith(".json")) if os.path.isdir(_profile_dir()) else []
-        return io.Schema(
+        return host.schema(
             node_id="CMLoRA_LoadProfile",
+            search_aliases=['load lora profile'],
             display_name="CMLoRA Load Profile",
             category="sampling/cmlora",
             description="Reads a profile saved by CMLoRA Save Profile.",

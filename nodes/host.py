@@ -6,6 +6,8 @@ file. Features are detected, never inferred from version strings.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import logging
 
 import torch
@@ -43,6 +45,32 @@ forward_timestep_embed = openaimodel.forward_timestep_embed
 timestep_embedding = openaimodel.timestep_embedding
 Downsample = openaimodel.Downsample
 UNetModel = openaimodel.UNetModel
+
+
+# ---------------------------------------------------------------- V3 schema features, detected
+def _accepts(func, name: str) -> bool:
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+_SCHEMA_FIELDS = ({f.name for f in dataclasses.fields(io.Schema)} if dataclasses.is_dataclass(io.Schema)
+                  else set(inspect.signature(io.Schema).parameters))
+# ``advanced=True`` folds an input into the node's "advanced" section on hosts whose V3 API has it
+ADVANCED = {"advanced": True} if _accepts(io.Float.Input.__init__, "advanced") else {}
+
+
+_NEWER_FIELDS = ("search_aliases",)
+
+
+def schema(**fields) -> "io.Schema":
+    """``io.Schema`` without the newer fields this host's V3 API lacks (older hosts then show
+    the node exactly as before; ids and inputs never depend on the host)."""
+    for name in _NEWER_FIELDS:
+        if name not in _SCHEMA_FIELDS:
+            fields.pop(name, None)
+    return io.Schema(**fields)
 
 
 def lora_names() -> list[str]:
@@ -135,6 +163,45 @@ def sample_latent(model, seed, steps, cfg, sampler_name, scheduler, positive, ne
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                                noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=True, seed=seed)
+
+
+def is_dynamic(model_patcher) -> bool:
+    """Whether the host loads and patches this model's weights per forward (dynamic VRAM)."""
+    probe = getattr(model_patcher, "is_dynamic", None)
+    return bool(probe()) if callable(probe) else False
+
+
+_FOLDABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def weights_writable(model_patcher, keys) -> bool:
+    """Whether the pack may fold LoRA weights into these parameters itself.
+
+    Not when the host manages the weights per forward (dynamic VRAM), nor when a layer
+    stores them quantized: it has its own set/convert functions (fp8 scaled), holds a
+    tensor subclass (the quantized tensors of newer hosts, GGUF) or an 8-bit float.
+    """
+    if is_dynamic(model_patcher):
+        return False
+    for key in keys:
+        weight, set_func, convert_func = get_key_weight(model_patcher.model, key)
+        if set_func is not None or convert_func is not None:
+            return False
+        data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+        if type(data) is not torch.Tensor or data.dtype not in _FOLDABLE:
+            return False
+    return True
+
+
+def float_weight(base_model, key: str) -> torch.Tensor:
+    """A parameter as a plain float32 tensor, dequantized where the layer stores it quantized."""
+    weight, _, convert_func = get_key_weight(base_model, key)
+    data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+    if convert_func is not None:
+        return convert_func(data.detach(), inplace=False).to(torch.float32)
+    if type(data) is not torch.Tensor and hasattr(data, "dequantize"):
+        return data.dequantize().to(torch.float32)
+    return data.detach().to(torch.float32)
 
 
 def load_model(model_patcher) -> None:

@@ -13,9 +13,24 @@ Two ways to apply a LoRA, chosen per method and per model call:
 
 An ``OUTER_SAMPLE`` wrapper brackets each run and restores the model whether the run
 finished, failed or was interrupted.
+
+Clones. The runtime is the patcher's attachment; cloning the patcher gives the clone a
+runtime of its own (``on_model_patcher_clone``: same LoRAs and settings, the built deltas
+shared, no per-run state shared). Wrappers, injections and patches registered on the
+patcher are plain functions that find the runtime of the patcher being sampled — through
+the patcher, or through the run's ``transformer_options`` where the host passes no
+patcher — never a bound method of the runtime that happened to register them: hosts copy
+those entries between clones differently (deep copies on some versions, shared objects on
+others).
+
+Weights the pack must not write. Switch folds only where the weights are plain float
+tensors that the classic patcher holds. Where the host manages weights per forward
+(dynamic VRAM) or stores them quantized (fp8 scaled, GGUF, ...), switch routes the active
+LoRA to every row in the forward instead, as composite does, and never touches the weights.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,6 +52,80 @@ KEY = "cmlora"
 METHODS = ("merge", "switch", "composite", "cmlora")
 
 
+def runtime_of(transformer_options: dict, node: str = "CMLoRA Apply"):
+    """The runtime of the run in progress (set by the OUTER_SAMPLE wrapper)."""
+    runtime = transformer_options.get(KEY)
+    if runtime is None:
+        raise CMLoRAError(node, "model",
+                          "the patched model was called outside a sampler run, so the step and the LoRAs are unknown.",
+                          "sample it with KSampler, KSamplerAdvanced or SamplerCustomAdvanced.")
+    return runtime
+
+
+def _outer_sample(executor, *args, **kwargs):
+    guider = executor.class_obj
+    runtime = guider.model_patcher.get_attachment(KEY)
+    guider.model_options.setdefault("transformer_options", {})[KEY] = runtime
+    return runtime.outer_sample(executor, *args, **kwargs)
+
+
+def _diffusion_model(executor, *args, **kwargs):
+    to = kwargs["transformer_options"] if "transformer_options" in kwargs else args[5]
+    return runtime_of(to).diffusion_model(executor, *args, **kwargs)
+
+
+def _prepare_sampling(executor, model, noise_shape, *args, **kwargs):
+    """Tell the host's memory estimate how many rows each model call really has."""
+    runtime = model.get_attachment(KEY)
+    factor = runtime.row_factor() if runtime is not None else 1
+    if factor > 1:
+        noise_shape = [noise_shape[0] * factor, *noise_shape[1:]]
+    return executor(model, noise_shape, *args, **kwargs)
+
+
+def _calc_cond_batch(executor, model, *args, **kwargs):
+    """While the host sizes its batches of conds, its estimate counts the copies of every row.
+
+    Set on the base model for this call only (not as an object patch, which would stay on the
+    model after the run and inflate the next plain run's estimate)."""
+    runtime = runtime_of(kwargs["model_options"]["transformer_options"] if "model_options" in kwargs
+                         else args[3]["transformer_options"])
+    factor = runtime.row_factor()
+    if factor == 1 or isinstance(model.memory_required, RowsScaled):
+        return executor(model, *args, **kwargs)
+    previous = model.__dict__.get("memory_required")  # another pack's object patch, if any
+    model.memory_required = RowsScaled(model.memory_required, factor)
+    try:
+        return executor(model, *args, **kwargs)
+    finally:
+        if previous is None:
+            del model.memory_required  # back to the class's method
+        else:
+            model.memory_required = previous
+
+
+def _inject(model_patcher):
+    model_patcher.get_attachment(KEY).inject(model_patcher)
+
+
+def _eject(model_patcher):
+    model_patcher.get_attachment(KEY).eject(model_patcher)
+
+
+def _observe_denoised(args):
+    return runtime_of(args["model_options"]["transformer_options"]).observe_denoised(args)
+
+
+class RowsScaled:
+    """``memory_required`` of a model whose every call runs ``factor`` copies of its rows."""
+
+    def __init__(self, original, factor: int):
+        self.original, self.factor = original, factor
+
+    def __call__(self, input_shape, *args, **kwargs):
+        return self.original([input_shape[0] * self.factor, *input_shape[1:]], *args, **kwargs)
+
+
 @dataclass
 class RunTrace:
     """What one sampling run did (read by reports and tests)."""
@@ -48,6 +137,7 @@ class RunTrace:
     active: dict = field(default_factory=dict)  # step -> LoRA index (switch)
     call_rows: list = field(default_factory=list)  # rows of every diffusion-model call
     folds: int = 0
+    routed: bool = False  # switch: the active LoRA was routed in the forward instead of folded
     full_passes: int = 0  # CMLoRA: LoRA evaluations per kind, summed over model calls
     shallow_passes: int = 0
     reused: int = 0
@@ -59,10 +149,11 @@ class RunTrace:
 
 
 def _module_kind(module) -> tuple[str, dict]:
-    if isinstance(module, torch.nn.Conv2d):
+    # by shape of the layer, not by class: the hosts' quantized layers are not torch's classes
+    if isinstance(module, torch.nn.Conv2d) or getattr(module, "kernel_size", None) is not None:
         return "conv", {"stride": module.stride, "padding": module.padding, "dilation": module.dilation,
                         "groups": module.groups}
-    if isinstance(module, torch.nn.Linear):
+    if isinstance(module, torch.nn.Linear) or hasattr(module, "in_features"):
         return "linear", {}
     raise CMLoRAError("CMLoRA Apply", "method",
                       f"layer type {type(module).__name__} cannot take a routed LoRA delta.",
@@ -74,7 +165,6 @@ def build_delta(base_model, key: str, patch):
     module_path, param = key.rsplit(".", 1)
     module = host.get_attr(base_model, module_path)
     kind, conv = _module_kind(module)
-    weight = getattr(module, param)
     if param == "weight" and isinstance(patch, host.LoRAAdapter):
         up, down, alpha, mid, dora, reshape = patch.weights
         groups = conv.get("groups", 1)
@@ -83,10 +173,11 @@ def build_delta(base_model, key: str, patch):
             scale = (alpha / rank) if alpha is not None else 1.0
             if kind == "linear":
                 return module_path, LowRankDelta(down.reshape(rank, -1), up.reshape(up.shape[0], rank), scale, kind)
-            return module_path, LowRankDelta(down.reshape(rank, *weight.shape[1:]), up.reshape(up.shape[0], rank, 1, 1),
+            kernel = host.get_attr(base_model, key).shape[1:]
+            return module_path, LowRankDelta(down.reshape(rank, *kernel), up.reshape(up.shape[0], rank, 1, 1),
                                              scale, kind, conv)
     # every other adapter: the exact dense difference, computed by the host's own code
-    base = weight.detach().to(torch.float32)
+    base = host.float_weight(base_model, key)
     patched = host.calculate_weight([(1.0, patch, 1.0, None, None)], base.clone(), key)
     diff = (patched - base)
     if param == "weight":
@@ -97,52 +188,78 @@ def build_delta(base_model, key: str, patch):
 class MultiLoraRuntime:
     """Per-clone state of a switch, composite or cmlora run; see the module docstring."""
 
+    KEY = KEY
+
     def __init__(self, method: str, loras: list[MappedLora], switch_interval: int = 5, schedule: Schedule | None = None):
         self.method = method
         self.schedule = schedule
+        self.loras = loras
+        self.switch_interval = switch_interval
+        self._deltas: dict = {}  # id(base model) -> (base model, {layer path: {LoRA index: Delta}}); shared by clones
+        self.last_trace: RunTrace | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh per-patcher and per-run state (also what a clone of the patcher starts with)."""
         self._planner: Planner | None = None
         self._split = None
         self._deep: dict = {}  # (lora, call key) -> deep feature of its last full pass
         self._pred: dict = {}  # (lora, call key) -> its last full prediction ("prediction" cache)
         self._probe = None  # one row of a model call, to count FLOPs after the run
-        self.loras = loras
-        self.switch_interval = switch_interval
         self.routing: Routing | None = None
         self.trace: RunTrace | None = None
-        self.last_trace: RunTrace | None = None
-        self._layers: dict[str, RoutedLayer] | None = None
         self._handles: list = []
         self._base_model = None
         self._saved: dict[str, torch.nn.Parameter] = {}
         self._folded: int | None = None
+        self._route_switch = False
         self._schedule_src = None
         self._schedule: list[float] = []
 
+    def on_model_patcher_clone(self):
+        """The host calls this when the patcher is cloned: the clone gets its own runtime."""
+        twin = copy.copy(self)
+        twin.last_trace = None
+        twin._reset()
+        return twin
+
     # ---------------------------------------------------------------- installation
     def attach(self, clone) -> None:
-        clone.add_wrapper_with_key(host.WrappersMP.OUTER_SAMPLE, KEY, self.outer_sample)
-        clone.add_wrapper_with_key(host.WrappersMP.DIFFUSION_MODEL, KEY, self.diffusion_model)
-        if self.method != "switch":
-            clone.set_injections(KEY, [host.PatcherInjection(self.inject, self.eject)])
+        clone.add_wrapper_with_key(host.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample)
+        clone.add_wrapper_with_key(host.WrappersMP.DIFFUSION_MODEL, KEY, _diffusion_model)
+        clone.set_injections(KEY, [host.PatcherInjection(_inject, _eject)])
+        factor = self.row_factor()
+        if factor > 1:  # the host's memory estimates learn that every model call runs `factor` copies
+            clone.add_wrapper_with_key(host.WrappersMP.PREPARE_SAMPLING, KEY, _prepare_sampling)
+            clone.add_wrapper_with_key(host.WrappersMP.CALC_COND_BATCH, KEY, _calc_cond_batch)
         if self.method == "cmlora" and self.schedule.settings.mode == "online":
-            clone.set_model_sampler_post_cfg_function(self.observe_denoised)
+            clone.set_model_sampler_post_cfg_function(_observe_denoised)
         clone.set_attachments(KEY, self)
+
+    def row_factor(self) -> int:
+        """The most copies of a model call's rows that one forward of this method runs."""
+        return 1 if self.method == "switch" else len(self.loras)
 
     def inject(self, model_patcher) -> None:
         base = model_patcher.model
-        if self._layers is None or self._base_model is not base:
-            self._layers = self._build_layers(base)
-            self._base_model = base
-        for path, layer in self._layers.items():
+        self._base_model = base
+        for path, deltas in self._layer_deltas(base).items():
             module = host.get_attr(base, path)
-            self._handles.append(module.register_forward_hook(layer))
+            self._handles.append(module.register_forward_hook(RoutedLayer(path, deltas, self)))
 
     def eject(self, model_patcher) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-    def _build_layers(self, base) -> dict[str, RoutedLayer]:
+    def _layer_deltas(self, base) -> dict[str, dict]:
+        hit = self._deltas.get(id(base))
+        if hit is None or hit[0] is not base:
+            self._deltas.clear()  # one base model per stack in practice; drop another's deltas
+            hit = self._deltas[id(base)] = (base, self._build_deltas(base))
+        return hit[1]
+
+    def _build_deltas(self, base) -> dict[str, dict]:
         per_module: dict[str, dict[int, object]] = {}
         for i, ml in enumerate(self.loras):
             for key, patch in ml.patches.items():
@@ -157,12 +274,14 @@ class MultiLoraRuntime:
                     slot[i] = _Sum(first, delta)
                 else:
                     slot[i] = delta
-        return {path: RoutedLayer(path, deltas, self) for path, deltas in per_module.items()}
+        return per_module
 
     # ---------------------------------------------------------------- wrappers
     def outer_sample(self, executor, *args, **kwargs):
         guider = executor.class_obj
         self._base_model = guider.model_patcher.model
+        if self.method == "switch":
+            self._route_switch = not host.weights_writable(guider.model_patcher, self._switch_keys())
         self.trace = RunTrace(self.method)
         self._planner, self._deep, self._pred, self._probe = None, {}, {}, None
         started = time.perf_counter()
@@ -200,9 +319,16 @@ class MultiLoraRuntime:
         if self.method == "switch":
             k = switch_active(step, self.switch_interval, len(self.loras))
             trace.active[step] = k
-            self._fold(k)
             trace.call_rows.append(x.shape[0])
-            return executor(x, timesteps, context, y, control, to, **kwargs)
+            if not self._route_switch:
+                self._fold(k)
+                return executor(x, timesteps, context, y, control, to, **kwargs)
+            trace.routed = True
+            self.routing = Routing.blocks(x.shape[0], [(k, self.loras[k].entry.strength_model)])
+            try:
+                return executor(x, timesteps, context, y, control, to, **kwargs)
+            finally:
+                self.routing = None
         if self.method == "cmlora":
             return self._cmlora_call(executor, trace, step, x, timesteps, context, y, control, to, kwargs)
         indices = list(range(len(self.loras)))
@@ -309,6 +435,9 @@ class MultiLoraRuntime:
         return denoised
 
     # ---------------------------------------------------------------- folding (switch)
+    def _switch_keys(self) -> list[str]:
+        return [key for ml in self.loras for key in ml.patches if isinstance(key, str)]
+
     def _fold(self, k: int) -> None:
         if self._folded == k:
             return
@@ -344,7 +473,9 @@ class MultiLoraRuntime:
                 f"{len(self.loras)} LoRAs, {trace.seconds:.2f}s")
         if self.method == "switch":
             order = [trace.active[s] for s in sorted(trace.active)]
-            text += f", {trace.folds} refolds, active LoRA per step: {order}"
+            how = ("routed in the forward (the host owns these weights)" if trace.routed
+                   else f"{trace.folds} refolds")
+            text += f", {how}, active LoRA per step: {order}"
         elif self.method == "cmlora":
             text += (f", passes: {trace.full_passes} full, {trace.shallow_passes} shallow, {trace.reused} reused"
                      f" ({self.schedule.settings.mode}, cache {self.schedule.settings.cache})")

@@ -28,8 +28,9 @@ def make_entry(name, strength_model, strength_clip, enabled, category, concept, 
 class LoraStackNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return host.schema(
             node_id="CMLoRA_LoraStack",
+            search_aliases=['lora stack', 'multi lora', 'lora stacker'],
             display_name="CMLoRA LoRA Stack",
             category="loaders/cmlora",
             description="Adds one LoRA to a stack. Chain several to compose a character, outfit, style, "
@@ -46,7 +47,7 @@ class LoraStackNode(io.ComfyNode):
                                        "high-frequency. 'auto' lets the profiler measure it."),
                 io.String.Input("concept", default="", tooltip="The prompt words this LoRA depicts, e.g. 'cat'."),
                 io.String.Input("trigger", default="",
-                                tooltip="Trigger words; left empty, they are read from the file's training metadata."),
+                                tooltip="Trigger words; left empty, they are read from the file's training metadata.", **host.ADVANCED),
                 Stack.Input("stack", optional=True, tooltip="The stack to append to (leave empty to start one)."),
             ],
             outputs=[Stack.Output(display_name="stack", tooltip="The stack with this LoRA appended.")],
@@ -73,8 +74,9 @@ class LoraStackNode(io.ComfyNode):
 class StackFromLoraStack(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return host.schema(
             node_id="CMLoRA_StackFromLoraStack",
+            search_aliases=['lora_stack', 'lora stack convert'],
             display_name="CMLoRA Stack from LORA_STACK",
             category="loaders/cmlora",
             description="Converts the LORA_STACK of other node packs (a list of (lora_name, strength_model, "
@@ -107,8 +109,9 @@ class StackFromLoraStack(io.ComfyNode):
 class ApplyClip(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return host.schema(
             node_id="CMLoRA_ApplyClip",
+            search_aliases=['lora clip', 'multi lora clip'],
             display_name="CMLoRA Apply CLIP",
             category="loaders/cmlora",
             description="Merges every enabled LoRA's text-encoder weights into the CLIP at its clip strength, "

@@ -5,7 +5,6 @@
 #   scripts/bench.sh --device cuda                timing at full size in fp16 on a CUDA GPU
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-host="$(bash "$repo/scripts/setup.sh" | tail -n 1)"
-venv="${CMLORA_VENV:-$repo/.venv}"
+source "$repo/scripts/env.sh"
 cd "$repo"
-COMFYUI_PATH="$host" exec "$venv/bin/python" -m benchmarks "$@"
+COMFYUI_PATH="$host" exec "$python" -m benchmarks "$@"

@@ -4,7 +4,6 @@
 # API on the CPU, and write the images and a report to demo_output/ (or $1).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-host="$(bash "$repo/scripts/setup.sh" | tail -n 1)"
-venv="${CMLORA_VENV:-$repo/.venv}"
+source "$repo/scripts/env.sh"
 out="${1:-$repo/demo_output}"
-exec "$venv/bin/python" "$repo/scripts/demo.py" --host "$host" --out "$out" "${@:2}"
+exec "$python" "$repo/scripts/demo.py" --host "$host" --out "$out" "${@:2}"

@@ -28,9 +28,10 @@ from safetensors.torch import save_file
 
 log = logging.getLogger("cmlora.fixtures")
 
-FIXTURE_VERSION = "4"
+FIXTURE_VERSION = "5"
 CHECKPOINT = "cmlora_tiny_sd15.safetensors"
 SDXL_UNET = "cmlora_tiny_sdxl_unet.safetensors"
+SD15_FP8_UNET = "cmlora_tiny_sd15_unet_scaled_fp8.safetensors"
 
 # SD1.5's widths (detection needs model_channels 320, context_dim 768) with three levels of
 # one block each instead of four levels of two: the latent is divided by 4 at the deepest
@@ -44,14 +45,16 @@ SD15_UNET = {
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
 
-# The SDXL architecture (linear projections, ADM label embedding, context 2048, head
-# channels 64, no attention at the first level) at a width small enough for the CPU.
+# The SDXL family at SDXL's widths (model_channels 320, linear projections, ADM 2816, context
+# 2048, 64-channel heads), with the fewest blocks the hosts' detection accepts: the
+# input-side depths [0, 2, 5] of KOALA-700M (an SDXL distillation, detected as an SDXL-class
+# model by every host version), one transformer block per output level and none in the middle.
 SDXL_UNET_CONFIG = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
     "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
-    "model_channels": 64, "num_res_blocks": [1, 1], "transformer_depth": [0, 1],
-    "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
-    "context_dim": 2048, "num_head_channels": 32, "transformer_depth_output": [0, 0, 1, 1],
+    "model_channels": 320, "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 2, 5],
+    "channel_mult": [1, 2, 4], "transformer_depth_middle": -1, "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 1, 0, 1],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
 
@@ -91,36 +94,66 @@ def _sd15_parts(seed: int = 0):
     return model, clip, vae
 
 
+def _fp16(sd: dict) -> dict:
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items() if v.dtype.is_floating_point}
+
+
 def make_sd15_checkpoint(path: Path, seed: int = 0) -> None:
+    """A single-file checkpoint in the layout of the released SD1.5 files.
+
+    Key names are written out here rather than taken from the host's
+    ``state_dict_for_saving`` (whose signature changed between host versions), so the file
+    is the same whichever host wrote it and every host detects it.
+    """
     model, clip, vae = _sd15_parts(seed)
-    sd = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()
-          if v.dtype.is_floating_point}
+    sd = {f"model.diffusion_model.{k}": v for k, v in model.diffusion_model.state_dict().items()}
+    for k, v in clip.state_dict().items():
+        if k.startswith("clip_l.transformer.") and "text_projection" not in k:
+            sd["cond_stage_model." + k[len("clip_l."):]] = v
+    sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    sd = _fp16(sd)
     save_file(sd, str(path), metadata={"cmlora_fixture": FIXTURE_VERSION, "modelspec.architecture": "stable-diffusion-v1"})
 
 
+def _sdxl_model(device="cpu"):
+    import comfy.supported_models
+
+    return comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG)).get_model({}, device=device)
+
+
 def make_sdxl_unet(path: Path, seed: int = 10) -> None:
-    import comfy.supported_models
-
-    config = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG))
-    model = config.get_model({}, device="cpu")
+    """An SDXL-family diffusion model file (the layout of a UNet-only release)."""
+    model = _sdxl_model()
     _init_(model.diffusion_model, seed)
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.diffusion_model.state_dict().items()}
-    save_file(sd, str(path), metadata={"cmlora_fixture": FIXTURE_VERSION})
+    save_file(_fp16(model.diffusion_model.state_dict()), str(path), metadata={"cmlora_fixture": FIXTURE_VERSION})
 
 
-def load_sdxl_unet(path: Path):
-    """The tiny SDXL model as a ModelPatcher, built with the host's SDXL model class."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    import comfy.utils
+def make_sd15_scaled_fp8_unet(checkpoint: Path, path: Path) -> None:
+    """The SD1.5 fixture's UNet as a "scaled fp8" diffusion model, the quantized format of
+    many shared fp8 files: every linear weight stored as float8_e4m3fn with a per-layer
+    ``scale_weight``, a ``scaled_fp8`` marker, everything else fp16. The hosts load such
+    layers through operations whose weights the pack must not rewrite."""
+    from safetensors.torch import load_file
 
-    config = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, device="cpu")
-    model.diffusion_model.load_state_dict(comfy.utils.load_torch_file(str(path)))
-    model.diffusion_model.float()
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    prefix = "model.diffusion_model."
+    sd = {k[len(prefix):]: v.float() for k, v in load_file(str(checkpoint)).items() if k.startswith(prefix)}
+    out = {"scaled_fp8": torch.tensor([], dtype=torch.float8_e4m3fn)}
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.ndim == 2:
+            scale = v.abs().amax().clamp(min=1e-12) / 448.0
+            out[k] = (v / scale).to(torch.float8_e4m3fn)
+            out[k[:-len("weight")] + "scale_weight"] = scale.reshape(())
+            out[k[:-len("weight")] + "scale_input"] = torch.ones(())
+        else:
+            out[k] = v.to(torch.float16)
+    save_file(out, str(path), metadata={"cmlora_fixture": FIXTURE_VERSION})
+
+
+def load_unet(name: str, weight_dtype: str = "default"):
+    """A diffusion model from the diffusion_models folder, through the host's own UNETLoader."""
+    import nodes as host_nodes
+
+    return host_nodes.UNETLoader().load_unet(name, weight_dtype)[0]
 
 
 # ---------------------------------------------------------------- LoRA files
@@ -283,13 +316,16 @@ def ensure_test_loras(models_dir: Path) -> None:
                    trigger=f"trg{fmt}")
     # an SDXL LoRA (named by the host's SDXL key map) to try on the SD1.5 model
     import comfy.lora
-    import comfy.supported_models
 
-    xl = comfy.supported_models.SDXL(dict(SDXL_UNET_CONFIG)).get_model({}, device="cpu")
+    xl = _sdxl_model()
     xl_sd = xl.state_dict()
-    write_lora(lora_dir / "test_sdxl_kohya.safetensors", xl_sd, comfy.lora.model_lora_keys_unet(xl, {}),
-               fmt="kohya", seed=7)
+    xl_map = comfy.lora.model_lora_keys_unet(xl, {})
+    write_lora(lora_dir / "test_sdxl_kohya.safetensors", xl_sd, xl_map, fmt="kohya", seed=7)
+    write_lora(lora_dir / "test_xl_a.safetensors", xl_sd, xl_map, fmt="kohya", seed=3)
+    write_lora(lora_dir / "test_xl_b.safetensors", xl_sd, xl_map, fmt="locon", seed=4)
+    del xl, xl_sd
     make_sdxl_unet(unet_dir / SDXL_UNET)
+    make_sd15_scaled_fp8_unet(models_dir / "checkpoints" / CHECKPOINT, unet_dir / SD15_FP8_UNET)
     save_file({"weight": torch.zeros(4, 4)}, str(lora_dir / "test_not_a_lora.safetensors"))
     good = (lora_dir / "test_kohya.safetensors").read_bytes()
     (lora_dir / "test_corrupt.safetensors").write_bytes(good[: len(good) // 3])

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Run the test suite against a real ComfyUI host (set up first if needed).
-# Extra arguments go to pytest, e.g. scripts/test.sh tests/core -k switch
+# Run the test suite against a real ComfyUI host (set up first if needed; see setup.sh for
+# COMFYUI_SOURCE / COMFYUI_PATH). Extra arguments go to pytest, e.g.
+#   scripts/test.sh tests/core -k switch
+#   COMFYUI_SOURCE=/path/to/ComfyUI scripts/test.sh
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-host="$(bash "$repo/scripts/setup.sh" | tail -n 1)"
-venv="${CMLORA_VENV:-$repo/.venv}"
+source "$repo/scripts/env.sh"
 cd "$repo"
-COMFYUI_PATH="$host" exec "$venv/bin/python" -m pytest "$@"
+COMFYUI_PATH="$host" exec "$python" -m pytest "$@"

@@ -40,6 +40,14 @@ def sd15(models_dir):
 
 
 @pytest.fixture(scope="session")
+def sdxl(models_dir):
+    """The generated SDXL-family diffusion model, through the host's UNETLoader (its detection)."""
+    import make_fixtures as fx
+
+    return fx.load_unet(fx.SDXL_UNET)
+
+
+@pytest.fixture(scope="session")
 def conds(sd15):
     _, clip, _ = sd15
     pos = clip.encode_from_tokens_scheduled(clip.tokenize("a sks cat in a garden"))

@@ -76,7 +76,8 @@ class Recorder:
 
 def diffusion_out(model, call):
     """The diffusion model of ``model`` (weights loaded as the host loads them) on a recorded call."""
-    comfy.model_management.load_models_gpu([model])
+    with torch.no_grad():  # patching quantized weights must not record autograd history
+        comfy.model_management.load_models_gpu([model])
     dm = model.model.diffusion_model
     with torch.no_grad():
         kwargs = {} if call["y"] is None else {"y": call["y"]}

@@ -56,10 +56,8 @@ def test_shallow_pass_with_fresh_deep_feature_equals_full_pass(sd15):
     assert (split.n_in, split.out_start) == (2, 4) and deep.shape == (2, 640, 8, 8)
 
 
-def test_shallow_invariant_on_sdxl(models_dir):
-    import make_fixtures as fx
-
-    model = fx.load_sdxl_unet(models_dir / "diffusion_models" / fx.SDXL_UNET)
+def test_shallow_invariant_on_sdxl(sdxl):
+    model = sdxl
     torch.manual_seed(0)
     _check_shallow_invariant(model, torch.randn(1, 4, 8, 8), torch.tensor([300.0]), torch.randn(1, 77, 2048),
                              torch.randn(1, 2816))

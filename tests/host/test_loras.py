@@ -52,16 +52,11 @@ def test_apply_clip_equals_lora_loader(sd15):
     assert not torch.allclose(a, base, atol=1e-3)
 
 
-def test_sdxl_architecture_switch_and_composite(models_dir):
-    import make_fixtures as fx
-
-    model = fx.load_sdxl_unet(models_dir / "diffusion_models" / fx.SDXL_UNET)
-    xl = model.model
-    key_map = comfy.lora.model_lora_keys_unet(xl, {})
+def test_sdxl_architecture_switch_and_composite(sdxl, models_dir):
+    model = sdxl
+    assert "SDXL" in type(model.model).__name__  # detected by the host as an SDXL-class model
     path = models_dir / "loras" / "test_xl_a.safetensors"
     path_b = models_dir / "loras" / "test_xl_b.safetensors"
-    fx.write_lora(path, xl.state_dict(), key_map, fmt="kohya", seed=3)
-    fx.write_lora(path_b, xl.state_dict(), key_map, fmt="locon", seed=4)
     pos = [[torch.randn(1, 77, 2048), {"pooled_output": torch.randn(1, 1280)}]]
     neg = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
     st = stack(("test_xl_a.safetensors", 1.0), ("test_xl_b.safetensors", 1.0))
