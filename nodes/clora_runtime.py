@@ -139,8 +139,8 @@ class CLoRARuntime(MultiLoraRuntime):
         return len(self.branches.contexts)
 
     # ------------------------------------------------------------------ installation
-    def attach(self, clone) -> None:
-        super().attach(clone)
+    def attach(self, clone, node: str = NODE) -> None:
+        super().attach(clone, node)
         clone.add_wrapper_with_key(host.WrappersMP.SAMPLER_SAMPLE, self.KEY, _sampler_sample)
         for block, index, t in self.layers:
             clone.set_model_attn2_replace(_attention, block, index, t)

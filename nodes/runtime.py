@@ -224,7 +224,12 @@ class MultiLoraRuntime:
         return twin
 
     # ---------------------------------------------------------------- installation
-    def attach(self, clone) -> None:
+    def attach(self, clone, node: str = "CMLoRA Apply") -> None:
+        if clone.get_attachment(KEY) is not None:
+            raise CMLoRAError(node, "model",
+                              "this model already composes a LoRA stack (from CMLoRA Apply, the CMLoRA Sampler or the "
+                              "CLoRA Attention Masker); a second one on top would run inside the first.",
+                              "put all LoRAs into one stack, or feed this node the model from before the first one.")
         clone.add_wrapper_with_key(host.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample)
         clone.add_wrapper_with_key(host.WrappersMP.DIFFUSION_MODEL, KEY, _diffusion_model)
         clone.set_injections(KEY, [host.PatcherInjection(_inject, _eject)])
@@ -522,7 +527,7 @@ def apply_method(model, loras: list[MappedLora], method: str, switch_interval: i
     if method in ("switch", "composite"):
         if method == "switch" and switch_interval < 1:
             raise CMLoRAError(node, "switch_interval", "must be at least 1.", "set switch_interval to 1 or more.")
-        MultiLoraRuntime(method, loras, switch_interval).attach(clone)
+        MultiLoraRuntime(method, loras, switch_interval).attach(clone, node)
         return clone
     if method == "cmlora":
         if schedule is None:
@@ -536,6 +541,6 @@ def apply_method(model, loras: list[MappedLora], method: str, switch_interval: i
         if len(loras) < 2:
             raise CMLoRAError(node, "stack", "CMLoRA composes at least 2 LoRAs; the stack has 1 active LoRA.",
                               "add LoRAs, or use method 'merge' for a single LoRA.")
-        MultiLoraRuntime(method, loras, switch_interval, schedule).attach(clone)
+        MultiLoraRuntime(method, loras, switch_interval, schedule).attach(clone, node)
         return clone
     raise CMLoRAError(node, "method", f"unknown method {method!r}.", f"choose one of {', '.join(METHODS)}.")

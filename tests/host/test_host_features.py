@@ -173,3 +173,15 @@ def test_v3_schema_features_where_the_host_has_them(pack):
 def test_generated_checkpoints_are_detected_by_this_host(sd15, sdxl):
     assert type(sd15[0].model.model_config).__name__ == "SD15"
     assert "SDXL" in type(sdxl.model).__name__ and sdxl.model.model_config.unet_config["context_dim"] == 2048
+
+
+def test_a_second_stack_on_a_patched_model_is_a_clear_error(sd15, conds):
+    """Chaining CMLoRA Apply into CMLoRA Apply would nest one runtime inside the other."""
+    from comfyui_cmlora.cmlora_core.errors import CMLoRAError
+
+    model = sd15[0]
+    patched = apply(model, stack((A, 1.0), (B, 1.0)), "composite")
+    with pytest.raises(CMLoRAError, match=r"\[CMLoRA Apply\].*'model'.*already composes a LoRA stack.*one stack"):
+        apply(patched, stack((C, 1.0), (B, 1.0)), "switch")
+    # the first patched model still samples as before
+    assert torch.equal(ksample(patched, conds, steps=1), ksample(patched.clone(), conds, steps=1))
