@@ -34,7 +34,11 @@ def meta_wrappers(model_patcher, calls: list) -> None:
     import torch
 
     def prepare(executor, model, noise_shape, conds, *args, **kwargs):  # newer hosts pass more options
-        model.patch_model(device_to=None)
+        # patch the weights where they are (meta) and move nothing: newer hosts' load() moves
+        # the modules to the CPU when given no device, older ones left them in place
+        model.patch_model(device_to=None, load_weights=False)
+        for key in model.patches:
+            model.patch_weight_to_device(key, device_to=None)
         return model.model, conds, []
 
     def to_meta(v):

@@ -49,7 +49,8 @@ def test_switch_follows_rule_at_every_step(sd15, conds):
     loras, strengths, interval, steps = [A, B, C], [1.0, 0.8, 1.0], 2, 7
     patched = apply(model, stack(*zip(loras, strengths)), "switch", interval=interval)
     rec = Recorder()
-    ksample(rec.attach(patched), conds, steps=steps)
+    patched = rec.attach(patched)  # a clone: it has a runtime of its own, which records this run
+    ksample(patched, conds, steps=steps)
     runtime = patched.get_attachment("cmlora")
     trace = runtime.last_trace
     assert [trace.active[i] for i in range(steps)] == [switch_active(i, interval, 3) for i in range(steps)] \
@@ -65,9 +66,10 @@ def test_switch_under_ksampler_advanced_start_step(sd15, conds):
     loras, interval = [A, B], 1
     patched = apply(model, stack((A, 1.0), (B, 1.0)), "switch", interval=interval)
     rec = Recorder()
+    patched = rec.attach(patched)  # a clone: it has a runtime of its own, which records this run
     pos, neg = conds
     lat = {"samples": torch.zeros(1, 4, 8, 8)}
-    host_nodes.KSamplerAdvanced().sample(rec.attach(patched), "enable", 3, 6, 5.0, "euler", "normal", pos, neg, lat,
+    host_nodes.KSamplerAdvanced().sample(patched, "enable", 3, 6, 5.0, "euler", "normal", pos, neg, lat,
                                          start_at_step=2, end_at_step=5, return_with_leftover_noise="disable")
     trace = patched.get_attachment("cmlora").last_trace
     assert trace.steps == 3 and [trace.active[i] for i in range(3)] == [0, 1, 0]
@@ -82,7 +84,8 @@ def test_switch_multi_evaluation_sampler(sd15, conds):
     loras, interval, steps = [A, B], 1, 3
     patched = apply(model, stack((A, 1.0), (B, 1.0)), "switch", interval=interval)
     rec = Recorder()
-    ksample(rec.attach(patched), conds, steps=steps, sampler="heun")
+    patched = rec.attach(patched)  # a clone: it has a runtime of its own, which records this run
+    ksample(patched, conds, steps=steps, sampler="heun")
     trace = patched.get_attachment("cmlora").last_trace
     assert trace.model_calls > steps  # really several evaluations per step
     assert [trace.active[i] for i in range(steps)] == [0, 1, 0]
