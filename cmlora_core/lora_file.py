@@ -112,11 +112,16 @@ def read_metadata(path: str) -> dict:
 
 
 class FileCache:
-    """A small LRU of loaded files keyed by (path, size, mtime): edits are picked up."""
+    """An LRU of values read from files, keyed by (path, size, mtime) so that edits are picked up.
 
-    def __init__(self, capacity: int = 16):
-        self.capacity = capacity
+    Bounded by ``budget`` in the units of ``size(value)`` (bytes for loaded files; the default
+    counts entries). The newest entry is kept even when it alone exceeds the budget.
+    """
+
+    def __init__(self, budget: int = 16, size=lambda value: 1):
+        self.budget, self.size = budget, size
         self._items: OrderedDict = OrderedDict()
+        self._used = 0
         self._lock = threading.Lock()
 
     @staticmethod
@@ -132,10 +137,16 @@ class FileCache:
                 return self._items[key]
         value = load(path)
         with self._lock:
-            self._items[key] = value
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            if key not in self._items:
+                self._items[key] = value
+                self._used += self.size(value)
+            while self._used > self.budget and len(self._items) > 1:
+                self._used -= self.size(self._items.popitem(last=False)[1])
         return value
+
+    @property
+    def used(self) -> int:
+        return self._used
 
     def __len__(self) -> int:
         return len(self._items)
@@ -143,6 +154,7 @@ class FileCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._used = 0
 
 
 def guess_base(tensors: dict[str, torch.Tensor]) -> str:

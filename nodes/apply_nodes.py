@@ -6,6 +6,7 @@ import logging
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import require_model_entries
 from . import host
+from .checks import check_inputs
 from .host import io
 from .loras import map_model_lora
 from .profiling import model_fingerprint
@@ -69,7 +70,8 @@ class ApplyNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, stack, method, switch_interval, schedule=None):
-        out, _ = patched_model(model, stack, method, switch_interval, schedule, "CMLoRA Apply")
+        node = check_inputs(cls, locals())
+        out, _ = patched_model(model, stack, method, switch_interval, schedule, node)
         return io.NodeOutput(out)
 
 
@@ -106,7 +108,7 @@ class SamplerNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, stack, method, switch_interval, seed, steps, cfg, sampler_name, scheduler,
                 positive, negative, latent_image, denoise, schedule=None):
-        node = "CMLoRA Sampler"
+        node = check_inputs(cls, locals())
         patched, mapped = patched_model(model, stack, method, switch_interval, schedule, node)
         latent = host.ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                latent_image, denoise)

@@ -12,6 +12,7 @@ from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import require_model_entries
 from . import host
 from .clora_runtime import Branches, CLoRARuntime, CLoRASettings, attach_clora
+from .checks import check_inputs
 from .host import io
 from .loras import map_clip_lora, map_model_lora
 from .plots import PALETTE
@@ -26,7 +27,8 @@ def _with_trigger(prompt: str, concept: str, trigger: str) -> str:
     """The prompt with the first whole-word occurrence of ``concept`` written with ``trigger``."""
     if not trigger:
         return prompt
-    return re.sub(rf"(?<!\w){re.escape(concept)}(?!\w)", f"{trigger} {concept}", prompt, count=1, flags=re.IGNORECASE)
+    replacement = f"{trigger} {concept}"  # literal text: a trigger may hold backslashes or '$'
+    return re.sub(rf"(?<!\w){re.escape(concept)}(?!\w)", lambda _: replacement, prompt, count=1, flags=re.IGNORECASE)
 
 
 def _clip_with(clip, entries, node):
@@ -118,6 +120,7 @@ class AttentionMasker(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, stack, prompt, temperature, step_size, stop_fraction, extra_iterations,
                 mask_threshold, attention, style_scope):
+        check_inputs(cls, locals())
         entries = list(require_model_entries(stack, NODE))
         subjects = [e for e in entries if e.category != "style"]
         styles = [e for e in entries if e.category == "style"]
@@ -176,25 +179,37 @@ class MaskOutput(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, samples, step, image=None):
-        node = "CLoRA Masks"
+        node = check_inputs(cls, locals())
         runtime = model.get_attachment(KEY)
         if not isinstance(runtime, CLoRARuntime):
             raise CMLoRAError(node, "model", "this model does not come from a CLoRA Attention Masker.",
                               "connect the model output of CLoRA Attention Masker.")
-        run = runtime.last_clora
-        if run is None or not run.masks:
+        if runtime.last_clora is None:
             raise CMLoRAError(node, "samples", "the masked model has not been sampled yet.",
                               "connect the sampler's LATENT output to 'samples'.")
+        run = runtime.run_of(samples["samples"])
+        if run is None:
+            raise CMLoRAError(node, "samples", "these samples were not made by a recent run of this model, so its masks "
+                              f"would belong to another image (its last run made a latent of shape "
+                              f"{list(runtime.last_clora.latent.shape) if runtime.last_clora.latent is not None else '?'}, "
+                              f"these are {list(samples['samples'].shape)}).",
+                              "connect the LATENT output of the sampler that sampled this model, unchanged.")
+        if not run.masks:
+            raise CMLoRAError(node, "samples", "the run that made these samples recorded no masks.",
+                              "sample the masked model with at least one step.")
         steps = sorted(run.masks)
         if step != -1 and step not in run.masks:
             raise CMLoRAError(node, "step", f"no masks for step {step}; the run has steps {steps[0]}..{steps[-1]}.",
                               "pick a step in that range, or -1.")
         masks = run.masks[steps[-1] if step == -1 else step]  # (N, b, h, w) latent size
+        n, b = masks.shape[:2]
         if image is not None:
+            if image.shape[0] != b:
+                raise CMLoRAError(node, "image", f"the image batch has {image.shape[0]} images, the masks {b}.",
+                                  "connect the decoded image of these samples (VAE Decode of the same LATENT).")
             size = tuple(image.shape[1:3])
         else:
             size = (masks.shape[-2] * 8, masks.shape[-1] * 8)
-        n, b = masks.shape[:2]
         up = F.interpolate(masks.reshape(n * b, 1, *masks.shape[-2:]).float(), size=size, mode="nearest")
         up = up.reshape(n, b, *size)
         return io.NodeOutput(up.reshape(n * b, *size), _overlay(up, image))

@@ -64,6 +64,10 @@ class CLoRATrace:
     losses: dict = field(default_factory=dict)  # step -> [loss per iteration]
     masks: dict = field(default_factory=dict)  # step -> (N, b, H, W) subject masks at latent size
     sampler: str = ""
+    latent: torch.Tensor | None = None  # the run's output (CPU), which identifies the run to CLoRA Masks
+
+
+RECENT_RUNS = 8  # runs of one masked model whose masks CLoRA Masks can still find
 
 
 def attention_layers(unet) -> tuple[list[tuple[str, int, int]], int]:
@@ -119,7 +123,7 @@ class CLoRARuntime(MultiLoraRuntime):
         self.last_layer = layers[-1]
         self.ds_factor = ds_factor
         super().__init__("clora", loras)
-        self.last_clora: CLoRATrace | None = None
+        self.runs: list[CLoRATrace] = []  # finished runs, oldest first
 
     def _reset(self) -> None:
         super()._reset()
@@ -132,8 +136,20 @@ class CLoRARuntime(MultiLoraRuntime):
 
     def on_model_patcher_clone(self):
         twin = super().on_model_patcher_clone()
-        twin.last_clora = None
+        twin.runs = []
         return twin
+
+    @property
+    def last_clora(self) -> CLoRATrace | None:
+        return self.runs[-1] if self.runs else None
+
+    def run_of(self, samples: torch.Tensor) -> CLoRATrace | None:
+        """The recent run whose output is ``samples`` (a sampler's LATENT), None when none is."""
+        samples = samples.detach().to("cpu", torch.float32)
+        for run in reversed(self.runs):
+            if run.latent is not None and run.latent.shape == samples.shape and torch.equal(run.latent, samples):
+                return run
+        return None
 
     def row_factor(self) -> int:
         return len(self.branches.contexts)
@@ -166,10 +182,14 @@ class CLoRARuntime(MultiLoraRuntime):
     def outer_sample(self, executor, *args, **kwargs):
         self.clora_trace, self._updated, self._grad_params = CLoRATrace(), {}, None
         try:
-            return super().outer_sample(executor, *args, **kwargs)
+            out = super().outer_sample(executor, *args, **kwargs)
+            if not out.is_meta:
+                self.clora_trace.latent = out.detach().to("cpu", torch.float32)
+            return out
         finally:
             self.maps, self.loss_pass, self._grad_params, self._updated = None, False, None, {}
-            self.last_clora, self.clora_trace = self.clora_trace, None
+            self.runs = (self.runs + [self.clora_trace])[-RECENT_RUNS:]
+            self.clora_trace = None
 
     def sampler_sample(self, executor, *args, **kwargs):
         fn = getattr(executor.class_obj, "sampler_function", None)
@@ -201,7 +221,7 @@ class CLoRARuntime(MultiLoraRuntime):
                 x_new = self._update(executor.class_obj, x_latent, sigma, timesteps[:b], y, to, step, iterations)
                 self._updated[step] = x_new
             x = (x_new * c_in).to(x.dtype).repeat(len(chunks), *([1] * (x.ndim - 1)))
-        out, masks = self._branch_forward(executor, x, timesteps, context, y, control, to, kwargs, chunks, b)
+        out, masks = self._branch_forward(executor, x, timesteps, context, y, control, to, kwargs, chunks, b, step)
         self.clora_trace.masks[step] = masks
         if x_new is not None and step + 1 < len(points):
             corr = euler_correction(x_latent, x_new, sigma, points[step + 1]).to(out.dtype)
@@ -265,7 +285,7 @@ class CLoRARuntime(MultiLoraRuntime):
             h, w = (h + 1) // 2, (w + 1) // 2
         return h, w
 
-    def _branch_forward(self, executor, x, timesteps, context, y, control, to, kwargs, chunks, b):
+    def _branch_forward(self, executor, x, timesteps, context, y, control, to, kwargs, chunks, b, step):
         copies = len(self.branches.contexts)
         rows = x.shape[0]
         ctx, length = self._contexts(context, chunks, b, copies)
@@ -281,6 +301,8 @@ class CLoRARuntime(MultiLoraRuntime):
             maps = self.maps
         finally:
             self.maps, self.routing = None, None
+        labels = ["the base prompt's branch"] + [f"LoRA '{self.loras[i].entry.name}'" for i in self.branches.subject_loras]
+        out = self._finite(out, list(range(copies)), step, labels)
         size = self._attention_size(x)
         subject = torch.stack([concept_masks(m, self.settings.mask_threshold)
                                for m in self._concept_maps(maps, rows, copies, b, chunks, length, size)])

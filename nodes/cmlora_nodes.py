@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 from ..cmlora_core.cmlora import CACHES, MODES, REFRESH, W_DOM, Planner, Schedule, ScheduleSettings, sets_from_categories
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import require_model_entries
 from . import host
 from .apply_nodes import Schedule as ScheduleType
+from .checks import check_inputs, shown
 from .host import io
 from .loras import map_model_lora
 from .plots import profile_plot, timeline_plot
@@ -55,7 +57,7 @@ class ProfilerNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, stack, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler, vae=None):
-        node = "CMLoRA LoRA Profiler"
+        node = check_inputs(cls, locals())
         entries = require_model_entries(stack, node)
         mapped = [map_model_lora(model, e, node) for e in entries]
         profile = profile_loras(model, mapped, positive, negative, latent_image, seed, steps, cfg, sampler_name,
@@ -116,7 +118,7 @@ class SchedulerNode(io.ComfyNode):
     @classmethod
     def execute(cls, mode, switch_interval, cache, refresh, refresh_interval, h_to_l_fraction, online_threshold,
                 w_dom, dominant_full, preview_steps, profile=None, stack=None):
-        node = "CMLoRA Frequency Scheduler"
+        node = check_inputs(cls, locals())
         settings = ScheduleSettings(mode, switch_interval, cache, refresh, refresh_interval, h_to_l_fraction,
                                     online_threshold, w_dom, dominant_full)
         try:
@@ -154,6 +156,14 @@ def _profile_dir() -> str:
     return os.path.join(host.output_directory(), PROFILE_DIR)
 
 
+def _profile_files() -> list[str]:
+    folder = _profile_dir()
+    return sorted(f for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
+
+
+_SAFE_NAME = re.compile(r"[\w][\w .-]{0,99}")
+
+
 class SaveProfile(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -173,9 +183,12 @@ class SaveProfile(io.ComfyNode):
 
     @classmethod
     def execute(cls, profile, filename):
-        node = "CMLoRA Save Profile"
+        node = check_inputs(cls, locals())
         profile = check_profile(profile, node)
-        name = os.path.basename(filename.strip()) or "profile"
+        name = filename.strip() or "profile"
+        if not _SAFE_NAME.fullmatch(name):
+            raise CMLoRAError(node, "filename", f"{shown(name)} is not a plain file name.",
+                              "use up to 100 letters, digits, spaces, '-', '_' or '.', without folders.")
         os.makedirs(_profile_dir(), exist_ok=True)
         path = os.path.join(_profile_dir(), f"{name}.json")
         with open(path, "w") as f:
@@ -186,7 +199,7 @@ class SaveProfile(io.ComfyNode):
 class LoadProfile(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        files = sorted(f for f in os.listdir(_profile_dir()) if f.endswith(".json")) if os.path.isdir(_profile_dir()) else []
+        files = _profile_files()
         return host.schema(
             node_id="CMLoRA_LoadProfile",
             search_aliases=['load lora profile'],
@@ -199,17 +212,17 @@ class LoadProfile(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, profile_file):
-        path = os.path.join(_profile_dir(), profile_file)
-        return os.path.getmtime(path) if os.path.exists(path) else profile_file
+        path = os.path.join(_profile_dir(), profile_file) if profile_file in _profile_files() else None
+        return os.path.getmtime(path) if path else profile_file
 
     @classmethod
     def execute(cls, profile_file):
-        node = "CMLoRA Load Profile"
-        path = os.path.join(_profile_dir(), os.path.basename(profile_file))
+        node = check_inputs(cls, locals())  # the name is one of the folder's files
+        path = os.path.join(_profile_dir(), profile_file)
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 profile = json.load(f)
-        except (OSError, ValueError) as e:
-            raise CMLoRAError(node, "profile_file", f"could not read {path} ({e}).",
+        except (OSError, ValueError, RecursionError) as e:
+            raise CMLoRAError(node, "profile_file", f"could not read {profile_file} ({type(e).__name__}).",
                               "pick a file written by CMLoRA Save Profile.") from e
         return io.NodeOutput(check_profile(profile, node))

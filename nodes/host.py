@@ -18,6 +18,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sample
+import comfy.sd
 import comfy.samplers
 import comfy.utils
 import comfy.float
@@ -30,6 +31,9 @@ from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401  (re-exported 
 WrappersMP = comfy.patcher_extension.WrappersMP
 PatcherInjection = comfy.patcher_extension.PatcherInjection
 LoRAAdapter = comfy.weight_adapter.LoRAAdapter
+ModelPatcher = comfy.model_patcher.ModelPatcher
+CLIP = comfy.sd.CLIP
+VAE = comfy.sd.VAE
 SAMPLER_NAMES = comfy.samplers.KSampler.SAMPLERS
 SCHEDULER_NAMES = comfy.samplers.KSampler.SCHEDULERS
 calculate_weight = comfy.lora.calculate_weight
@@ -78,6 +82,10 @@ def lora_names() -> list[str]:
 
 
 def lora_path(name: str) -> str | None:
+    """The file a LoRA name stands for, by the host's own lookup: only inside the ``loras``
+    folders (absolute paths and ``..`` are read relative to each folder), None when absent."""
+    if not isinstance(name, str) or not name or "\x00" in name or len(name) > 1024:
+        return None
     return folder_paths.get_full_path("loras", name)
 
 

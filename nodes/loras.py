@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -11,10 +10,14 @@ from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.lora_file import FileCache, LoraFileInfo, classify, guess_base, read_metadata, trigger_from_metadata
 from ..cmlora_core.stack import LoraEntry
 from . import host
+from .checks import shown
 
 log = logging.getLogger("cmlora")
 
-_FILES = FileCache(capacity=16)
+# Loaded LoRA files, bounded by their tensors' bytes (a stack is read once per prompt by the stack
+# node and again where it is applied); one file larger than the budget is still kept alone.
+FILE_CACHE_BYTES = 1 << 30
+_FILES = FileCache(budget=FILE_CACHE_BYTES, size=lambda lf: lf.nbytes)
 _TE_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "te_", "te1", "te2")
 
 
@@ -22,6 +25,12 @@ _TE_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "te_", "te1", "te2"
 class LoraFile:
     tensors: dict
     info: LoraFileInfo
+    nonfinite: list[str]  # keys of tensors holding NaN or inf
+    empty: list[str]  # keys of tensors with no elements (a rank-0 factor)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 def _read(path: str) -> LoraFile:
@@ -30,20 +39,43 @@ def _read(path: str) -> LoraFile:
     fmt, rank, has_te, has_conv = classify(tensors)
     info = LoraFileInfo(path=path, format=fmt, rank=rank, n_tensors=len(tensors), has_text_encoder=has_te,
                         has_conv=has_conv, trigger=trigger_from_metadata(metadata), metadata=metadata)
-    return LoraFile(tensors, info)
+    nonfinite = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    empty = [k for k, t in tensors.items() if t.numel() == 0]
+    return LoraFile(tensors, info, nonfinite, empty)
 
 
-def load_lora_file(name: str, node: str, input: str = "lora_name") -> LoraFile:
-    """Read (cached by path, size and mtime) and sanity-check a LoRA file from the loras folder."""
-    path = host.lora_path(name) if not os.path.isabs(name) else name
-    if path is None or not os.path.isfile(path):
-        raise CMLoRAError(node, input, f"LoRA file '{name}' was not found in the loras folder.",
-                          "put the file in ComfyUI/models/loras (or a folder listed in extra_model_paths.yaml) and refresh.")
+def lora_file_path(name, node: str, input: str = "lora_name") -> str:
+    """The file of a LoRA name, looked up only inside the host's loras folders.
+
+    Anything else (an absolute path, a path leaving the folder, a name that is not text) gets
+    one message that says nothing about what exists elsewhere on the disk."""
+    path = host.lora_path(name)
+    if path is None:
+        raise CMLoRAError(node, input, f"{shown(name)} is not a LoRA file in the loras folder.",
+                          "pick a file from the list; new files go in ComfyUI/models/loras (or a folder listed in "
+                          "extra_model_paths.yaml), then refresh.")
+    return path
+
+
+def load_lora_file(name, node: str, input: str = "lora_name") -> LoraFile:
+    """Read and check the LoRA file ``name`` names in the loras folder (cached by path, size and mtime)."""
+    return read_lora(lora_file_path(name, node, input), name, node, input)
+
+
+def read_lora(path: str, name: str, node: str, input: str) -> LoraFile:
+    """Read and check a LoRA file at a path the loras-folder lookup returned."""
     try:
         lf = _FILES.get(path, _read)
     except Exception as e:  # the host's loader raises many types for a damaged file
         raise CMLoRAError(node, input, f"LoRA file '{name}' could not be read ({type(e).__name__}: {e}).",
                           "the file is damaged or incomplete; download it again.") from e
+    if lf.nonfinite:
+        raise CMLoRAError(node, input, f"LoRA file '{name}' holds NaN or infinite values in {len(lf.nonfinite)} of its "
+                          f"tensors (e.g. {lf.nonfinite[0]}); it would turn every image into noise or black.",
+                          "the file is damaged; download it again or pick another LoRA.")
+    if lf.empty:
+        raise CMLoRAError(node, input, f"LoRA file '{name}' has empty tensors (e.g. {lf.empty[0]}: rank 0); "
+                          "it changes nothing.", "pick another LoRA; this file was saved without weights.")
     if lf.info.format == "unknown":
         sample = ", ".join(list(lf.tensors)[:3])
         raise CMLoRAError(node, input,
@@ -95,7 +127,7 @@ def _check_shapes(patches: dict, shapes: dict, name: str, node: str, base_hint: 
 
 
 def map_model_lora(model, entry: LoraEntry, node: str) -> MappedLora:
-    lf = load_lora_file(entry.path, node, "stack")
+    lf = read_lora(entry.path, entry.name, node, "stack")
     patches, not_loaded = host.map_lora(lf.tensors, host.unet_key_map(model))
     te = [k for k in not_loaded if k.startswith(_TE_PREFIXES)]
     unmapped = [k for k in not_loaded if not k.startswith(_TE_PREFIXES)]
@@ -120,7 +152,7 @@ def map_model_lora(model, entry: LoraEntry, node: str) -> MappedLora:
 
 def map_clip_lora(clip, entry: LoraEntry, node: str) -> MappedLora | None:
     """The text-encoder half of a LoRA, or None when the file has none (logged)."""
-    lf = load_lora_file(entry.path, node, "stack")
+    lf = read_lora(entry.path, entry.name, node, "stack")
     patches, not_loaded = host.map_lora(lf.tensors, host.clip_key_map(clip))
     te_unmapped = [k for k in not_loaded if k.startswith(_TE_PREFIXES)]
     if not patches:

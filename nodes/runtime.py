@@ -98,6 +98,25 @@ def _calc_cond_batch(executor, model, *args, **kwargs):
             model.memory_required = previous
 
 
+class _MergeFinite:
+    """Merge's only wrapper: stops a run whose prediction turns NaN or infinite (plain data, so
+    hosts may copy it between clones as they like)."""
+
+    def __init__(self, node: str, names: list[str]):
+        self.node, self.names = node, names
+
+    def __call__(self, executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        if not out.is_meta and not bool(torch.isfinite(out).all()):
+            raise CMLoRAError(self.node, "stack", f"the prediction holds NaN or infinite values with the merged LoRAs "
+                              f"{self.names} (merge cannot tell which one).", _NONFINITE_FIX)
+        return out
+
+
+_NONFINITE_FIX = ("lower the LoRAs' strength_model (or cfg); if the base model alone does this, run it in fp32 "
+                  "(--force-fp32) or with another sampler.")
+
+
 def _inject(model_patcher):
     model_patcher.get_attachment(KEY).inject(model_patcher)
 
@@ -187,6 +206,7 @@ class MultiLoraRuntime:
         self.schedule = schedule
         self.loras = loras
         self.switch_interval = switch_interval
+        self.node = "CMLoRA Apply"  # the node that made this runtime, named in its errors
         self._deltas: dict = {}  # "base": the model, "layers": {layer path: {LoRA index: Delta}}; shared by clones
         self.last_trace: RunTrace | None = None
         self._reset()
@@ -222,6 +242,7 @@ class MultiLoraRuntime:
                               "this model already composes a LoRA stack (from CMLoRA Apply, the CMLoRA Sampler or the "
                               "CLoRA Attention Masker); a second one on top would run inside the first.",
                               "put all LoRAs into one stack, or feed this node the model from before the first one.")
+        self.node = node
         clone.add_wrapper_with_key(host.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample)
         clone.add_wrapper_with_key(host.WrappersMP.DIFFUSION_MODEL, KEY, _diffusion_model)
         clone.set_injections(KEY, [host.PatcherInjection(_inject, _eject)])
@@ -261,7 +282,7 @@ class MultiLoraRuntime:
         for i, ml in enumerate(self.loras):
             for key, patch in ml.patches.items():
                 if not isinstance(key, str):
-                    raise CMLoRAError("CMLoRA Apply", "method",
+                    raise CMLoRAError(self.node, "method",
                                       f"LoRA '{ml.entry.name}' patches a fused layer ({key[0]}) that routing cannot split.",
                                       "use method 'merge' for this model.")
                 path, delta = build_delta(base, key, patch)
@@ -304,7 +325,7 @@ class MultiLoraRuntime:
     def diffusion_model(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         to = transformer_options
         if "sample_sigmas" not in to:
-            raise CMLoRAError("CMLoRA Apply", "model",
+            raise CMLoRAError(self.node, "model",
                               "the sampler did not pass its sigma schedule to the model, so the step is unknown.",
                               "sample with KSampler, KSamplerAdvanced or SamplerCustomAdvanced.")
         schedule = self._schedule_points(to["sample_sigmas"])
@@ -319,18 +340,31 @@ class MultiLoraRuntime:
             trace.call_rows.append(x.shape[0])
             if not self._route_switch:
                 self._fold(k)
-                return executor(x, timesteps, context, y, control, to, **kwargs)
+                return self._finite(executor(x, timesteps, context, y, control, to, **kwargs), [k], step)
             trace.routed = True
             self.routing = Routing.blocks(x.shape[0], [(k, self.loras[k].entry.strength_model)])
             try:
-                return executor(x, timesteps, context, y, control, to, **kwargs)
+                return self._finite(executor(x, timesteps, context, y, control, to, **kwargs), [k], step)
             finally:
                 self.routing = None
         if self.method == "cmlora":
             return self._cmlora_call(executor, trace, step, x, timesteps, context, y, control, to, kwargs)
         indices = list(range(len(self.loras)))
         out = self._forward_copies(executor, trace, indices, x, timesteps, context, y, control, to, kwargs)
-        return combine_copies(out, composite_weights(len(self.loras)))
+        return combine_copies(self._finite(out, indices, step), composite_weights(len(self.loras)))
+
+    def _finite(self, out: torch.Tensor, indices: list[int], step: int, labels: list[str] | None = None) -> torch.Tensor:
+        """``out`` (one block of rows per LoRA in ``indices``), or a stop naming the LoRAs whose rows hold
+        NaN or inf (``labels`` names the blocks otherwise). One reduction per model call; the blocks are
+        looked at only when it fails."""
+        if out.is_meta or bool(torch.isfinite(out).all()):
+            return out
+        labels = labels or [f"LoRA '{self.loras[i].entry.name}'" for i in indices]
+        bad = [label for label, o in zip(labels, out.chunk(len(labels))) if not bool(torch.isfinite(o).all())]
+        who = (", ".join(bad) if len(bad) < len(labels) or len(labels) == 1
+               else f"every row ({', '.join(bad)}), so the base model or the settings are the likelier cause")
+        raise CMLoRAError(self.node, "stack", f"the prediction at step {step} holds NaN or infinite values from {who}.",
+                          _NONFINITE_FIX)
 
     def _schedule_points(self, sample_sigmas) -> list[float]:
         """The run's sigma schedule as floats, read from the device once per run."""
@@ -372,7 +406,7 @@ class MultiLoraRuntime:
             try:
                 validate_run(self.schedule, total)
             except ValueError as e:
-                raise CMLoRAError("CMLoRA Apply", "schedule", f"{e}.",
+                raise CMLoRAError(self.node, "schedule", f"{e}.",
                                   "use at least 2 LoRAs and at least as many steps as LoRAs.") from e
             self._planner = Planner(self.schedule, total)
         return self._planner
@@ -400,7 +434,8 @@ class MultiLoraRuntime:
         outs = {}
         if full:
             sink = [] if cache == "deep" else None
-            out = self._forward_copies(executor, trace, full, x, timesteps, context, y, control, to, kwargs, sink)
+            out = self._finite(self._forward_copies(executor, trace, full, x, timesteps, context, y, control, to,
+                                                    kwargs, sink), full, step)
             for i, o, d in zip(full, out.chunk(len(full)), sink[0].chunk(len(full)) if sink else [None] * len(full)):
                 outs[i] = o
                 if d is not None:
@@ -412,7 +447,8 @@ class MultiLoraRuntime:
             deep = torch.cat([self._deep[(i, key)] for i in shallow])
             self.routing = routing
             try:
-                out = shallow_forward(unet, self._split, rep(x), rep(timesteps), rep(context), rep(y), deep, to2)
+                out = self._finite(shallow_forward(unet, self._split, rep(x), rep(timesteps), rep(context), rep(y),
+                                                   deep, to2), shallow, step)
             finally:
                 self.routing = None
             outs.update(zip(shallow, out.chunk(len(shallow))))
@@ -513,6 +549,8 @@ def apply_method(model, loras: list[MappedLora], method: str, switch_interval: i
     if method == "merge":
         for ml in loras:
             clone.add_patches(ml.patches, ml.entry.strength_model)
+        clone.add_wrapper_with_key(host.WrappersMP.DIFFUSION_MODEL, KEY,
+                                   _MergeFinite(node, [ml.entry.name for ml in loras]))
         return clone
     if method in ("switch", "composite"):
         if method == "switch" and switch_interval < 1:

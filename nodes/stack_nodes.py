@@ -7,6 +7,7 @@ from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.lora_file import FileCache
 from ..cmlora_core.stack import CATEGORIES, LoraEntry, LoraStack
 from . import host
+from .checks import check_inputs, check_number, shown
 from .host import io
 from .loras import load_lora_file, map_clip_lora
 
@@ -16,10 +17,18 @@ Stack = io.Custom("CMLORA_STACK")
 LoraStackType = io.Custom("LORA_STACK")
 
 
-def make_entry(name, strength_model, strength_clip, enabled, category, concept, trigger, node) -> LoraEntry:
+STRENGTH = 20.0  # the stack node's strength range, -STRENGTH..STRENGTH; LORA_STACK entries are held to it too
+
+
+def make_entry(name, strength_model, strength_clip, enabled, category, concept, trigger, node, input="lora_name") -> LoraEntry:
     if category not in CATEGORIES:
         raise CMLoRAError(node, "category", f"unknown category {category!r}.", f"choose one of {', '.join(CATEGORIES)}.")
-    lf = load_lora_file(name, node)
+    for label, value in (("strength_model", strength_model), ("strength_clip", strength_clip)):
+        if input == "lora_name":
+            check_number(node, label, value, -STRENGTH, STRENGTH)
+        else:  # an entry of a LORA_STACK
+            check_number(node, input, value, -STRENGTH, STRENGTH, what=f"{label} of {shown(name)}")
+    lf = load_lora_file(name, node, input)
     return LoraEntry(name=name, path=lf.info.path, strength_model=float(strength_model),
                      strength_clip=float(strength_clip), enabled=bool(enabled), category=category,
                      concept=concept.strip(), trigger=trigger.strip() or lf.info.trigger, info=lf.info)
@@ -37,9 +46,9 @@ class LoraStackNode(io.ComfyNode):
                         "background and objects; the order of the chain is the order of the stack.",
             inputs=[
                 io.Combo.Input("lora_name", options=host.lora_names(), tooltip="The LoRA file, from the loras folder."),
-                io.Float.Input("strength_model", default=1.0, min=-20.0, max=20.0, step=0.01,
+                io.Float.Input("strength_model", default=1.0, min=-STRENGTH, max=STRENGTH, step=0.01,
                                tooltip="How strongly the LoRA changes the diffusion model (0 leaves it out)."),
-                io.Float.Input("strength_clip", default=1.0, min=-20.0, max=20.0, step=0.01,
+                io.Float.Input("strength_clip", default=1.0, min=-STRENGTH, max=STRENGTH, step=0.01,
                                tooltip="How strongly the LoRA changes the text encoder (used by CMLoRA Apply CLIP)."),
                 io.Boolean.Input("enabled", default=True, tooltip="Turn this LoRA off without unwiring it."),
                 io.Combo.Input("category", options=list(CATEGORIES), default="auto",
@@ -63,7 +72,7 @@ class LoraStackNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name, strength_model, strength_clip, enabled, category, concept, trigger, stack=None):
-        node = "CMLoRA LoRA Stack"
+        node = check_inputs(cls, locals(), looked_up=("lora_name",))
         entry = make_entry(lora_name, strength_model, strength_clip, enabled, category, concept, trigger, node)
         stack = (stack or LoraStack()).append(entry, node)
         text = f"{entry.name}: {entry.info.describe()}" + (f"; trigger '{entry.trigger}'" if entry.trigger else "")
@@ -90,19 +99,16 @@ class StackFromLoraStack(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_stack, stack=None):
-        node = "CMLoRA Stack from LORA_STACK"
+        node = check_inputs(cls, locals())
         stack = stack or LoraStack()
-        if not isinstance(lora_stack, (list, tuple)):
-            raise CMLoRAError(node, "lora_stack", f"expected a list of (name, strength_model, strength_clip), got {type(lora_stack).__name__}.",
-                              "connect the LORA_STACK output of a LoRA stacker node.")
         for i, item in enumerate(lora_stack):
             if not (isinstance(item, (list, tuple)) and len(item) >= 3):
-                raise CMLoRAError(node, "lora_stack", f"item {i + 1} is {item!r}, not (name, strength_model, strength_clip).",
-                                  "connect the LORA_STACK output of a LoRA stacker node.")
+                raise CMLoRAError(node, "lora_stack", f"item {i + 1} is {shown(item)}, not (name, strength_model, "
+                                  "strength_clip).", "connect the LORA_STACK output of a LoRA stacker node.")
             name, sm, sc = item[0], item[1], item[2]
             if name in (None, "None", ""):
                 continue  # stackers use "None" for an empty slot
-            stack = stack.append(make_entry(name, sm, sc, True, "auto", "", "", node), node)
+            stack = stack.append(make_entry(name, sm, sc, True, "auto", "", "", node, "lora_stack"), node)
         return io.NodeOutput(stack)
 
 
@@ -125,7 +131,7 @@ class ApplyClip(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, stack):
-        node = "CMLoRA Apply CLIP"
+        node = check_inputs(cls, locals())
         if stack is None or len(stack) == 0:
             raise CMLoRAError(node, "stack", "the LoRA stack is empty.", "connect a 'CMLoRA LoRA Stack' node.")
         out = clip.clone()

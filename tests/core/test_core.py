@@ -139,6 +139,23 @@ def test_file_cache_reloads_when_the_file_changes(tmp_path):
     assert cache.get(str(p), load) == b"22" and len(loads) == 2
 
 
+def test_file_cache_is_bounded_by_size_not_count(tmp_path):
+    files = []
+    for i, n in enumerate((40, 50, 30, 200)):
+        p = tmp_path / f"f{i}.bin"
+        p.write_bytes(b"x" * n)
+        files.append(str(p))
+    cache = FileCache(budget=100, size=len)
+    read = lambda path: open(path, "rb").read()  # noqa: E731
+    cache.get(files[0], read)
+    cache.get(files[1], read)
+    assert len(cache) == 2 and cache.used == 90
+    cache.get(files[2], read)  # 120 > 100: the oldest (40) goes
+    assert len(cache) == 2 and cache.used == 80
+    cache.get(files[3], read)  # larger than the budget alone: kept, everything else goes
+    assert len(cache) == 1 and cache.used == 200
+
+
 def test_stack_rules(tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     a.write_bytes(b"x")

@@ -133,7 +133,7 @@ def test_duplicate_lora(models_dir):
 
 
 def test_missing_file_and_cmlora_without_schedule(sd15):
-    assert "not found" in _error(stack, ("no_such_lora.safetensors", 1.0))
+    assert "is not a LoRA file in the loras folder" in _error(stack, ("no_such_lora.safetensors", 1.0))
     msg = _error(apply, sd15[0], stack(("test_kohya.safetensors", 1.0)), "cmlora")
     assert "schedule" in msg
 
