@@ -68,18 +68,22 @@ class Server:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.loads(r.read())
 
-    def post(self, path: str, body: dict):
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+    def outcome(self, prompt: dict, timeout: float = 900, poll: float = 0.5) -> tuple[str, dict]:
+        """Queue an API-format prompt and wait for it: ("rejected", the host's validation errors),
+        ("error", the execution_error of the node that raised) or ("ok", the history entry).
+
+        The host queues a prompt whose outputs are only partly valid with the invalid ones left
+        out; that counts as rejected (after the rest has run)."""
+        req = urllib.request.Request(self.url + "/prompt", data=json.dumps({"prompt": prompt, "client_id": "cmlora"}).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read())
+                queued = json.loads(r.read())
         except urllib.error.HTTPError as e:
-            raise RuntimeError(f"POST {path} failed ({e.code}): {e.read().decode(errors='replace')}") from e
-
-    def run(self, prompt: dict, timeout: float = 900) -> dict:
-        """Queue an API-format prompt and wait for its history entry; raise on failure."""
-        pid = self.post("/prompt", {"prompt": prompt, "client_id": "cmlora"})["prompt_id"]
+            if e.code == 400:
+                return "rejected", json.loads(e.read() or b"{}")
+            raise RuntimeError(f"POST /prompt failed ({e.code}): {e.read().decode(errors='replace')}") from e
+        pid = queued["prompt_id"]
         deadline = time.time() + timeout
         while time.time() < deadline:
             hist = self.get(f"/history/{pid}")
@@ -88,12 +92,22 @@ class Server:
                 status = entry.get("status", {})
                 if status.get("status_str") == "error":
                     msgs = [m for m in status.get("messages", []) if m[0] == "execution_error"]
-                    detail = msgs[0][1].get("exception_message", "") if msgs else status
-                    raise RuntimeError(f"workflow failed: {detail}")
+                    return "error", msgs[0][1] if msgs else {"exception_message": str(status)}
+                if queued.get("node_errors"):
+                    return "rejected", {"node_errors": queued["node_errors"]}
                 if status.get("completed", True):
-                    return entry
-            time.sleep(0.5)
+                    return "ok", entry
+            time.sleep(poll)
         raise RuntimeError(f"prompt {pid} did not finish in {timeout} s")
+
+    def run(self, prompt: dict, timeout: float = 900) -> dict:
+        """Queue an API-format prompt and wait for its history entry; raise on failure."""
+        kind, result = self.outcome(prompt, timeout)
+        if kind == "rejected":
+            raise RuntimeError(f"POST /prompt failed (400): {json.dumps(result)}")
+        if kind == "error":
+            raise RuntimeError(f"workflow failed: {result.get('exception_message', '')}")
+        return result
 
 
 def ui_to_api(workflow: dict, object_info: dict) -> dict:

@@ -7,25 +7,15 @@ import sys
 import pytest
 from PIL import Image
 
-from _host import HOST, REPO
+from _host import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
-from comfy_client import Server, output_images, output_texts, ui_to_api  # noqa: E402
+from comfy_client import output_images, output_texts, ui_to_api  # noqa: E402
 
 NODE_IDS = ["CMLoRA_LoraStack", "CMLoRA_StackFromLoraStack", "CMLoRA_ApplyClip", "CMLoRA_Apply", "CMLoRA_Sampler",
             "CMLoRA_Profiler", "CMLoRA_FrequencyScheduler", "CMLoRA_SaveProfile", "CMLoRA_LoadProfile",
             "CLoRA_AttentionMasker", "CLoRA_Masks"]
 WORKFLOWS = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
-
-
-@pytest.fixture(scope="module")
-def server(models_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    paths = tmp / "extra_model_paths.yaml"
-    paths.write_text(f"cmlora_test:\n  base_path: {models_dir}\n  checkpoints: checkpoints\n  loras: loras\n")
-    with Server(HOST, output_dir=tmp / "output", extra_model_paths=paths, log_path=tmp / "comfyui.log") as s:
-        s.output_dir_path = tmp / "output"
-        yield s
 
 
 def test_object_info_lists_every_node_with_tooltips(server):
