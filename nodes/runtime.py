@@ -161,23 +161,23 @@ class RunTrace:
     status: str = "running"
 
 
-def _module_kind(module) -> tuple[str, dict]:
+def _module_kind(module, node: str) -> tuple[str, dict]:
     # by the layer's attributes, not its class: the hosts' quantized layers are not torch's classes
     if len(getattr(module, "kernel_size", ())) == 2:
         return "conv", {"stride": module.stride, "padding": module.padding, "dilation": module.dilation,
                         "groups": module.groups}
     if hasattr(module, "in_features"):
         return "linear", {}
-    raise CMLoRAError("CMLoRA Apply", "method",
+    raise CMLoRAError(node, "method",
                       f"layer type {type(module).__name__} cannot take a routed LoRA delta.",
                       "use method 'merge' for this model.")
 
 
-def build_delta(base_model, key: str, patch):
+def build_delta(base_model, key: str, patch, node: str = "CMLoRA Apply"):
     """The routed form of one host patch on one weight (or bias) key."""
     module_path, param = key.rsplit(".", 1)
     module = host.get_attr(base_model, module_path)
-    kind, conv = _module_kind(module)
+    kind, conv = _module_kind(module, node)
     if param == "weight" and isinstance(patch, host.LoRAAdapter):
         up, down, alpha, mid, dora, reshape = patch.weights
         groups = conv.get("groups", 1)
@@ -285,7 +285,7 @@ class MultiLoraRuntime:
                     raise CMLoRAError(self.node, "method",
                                       f"LoRA '{ml.entry.name}' patches a fused layer ({key[0]}) that routing cannot split.",
                                       "use method 'merge' for this model.")
-                path, delta = build_delta(base, key, patch)
+                path, delta = build_delta(base, key, patch, self.node)
                 slot = per_module.setdefault(path, {})
                 if i in slot:  # weight and bias of one layer: add both
                     first = slot[i]

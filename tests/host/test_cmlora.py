@@ -12,7 +12,7 @@ from _util import Recorder, apply, diffusion_out, ksample, lora_loader, stack
 
 from comfyui_cmlora.cmlora_core.cmlora import FULL, SHALLOW, Planner
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
-from comfyui_cmlora.nodes.apply_nodes import ApplyNode
+from comfyui_cmlora.nodes.apply_nodes import ApplyNode, SamplerNode
 from comfyui_cmlora.nodes.cmlora_nodes import LoadProfile, ProfilerNode, SaveProfile, SchedulerNode
 from comfyui_cmlora.nodes.unet_split import capture_patch, find_split, shallow_forward
 
@@ -204,6 +204,16 @@ def test_bad_schedules(sd15, conds):
     msg = _error(cmlora, model, st, schedule(profile=fake)[0])
     assert "another base model" in msg
     assert "not a CMLoRA profile" in _error(schedule, profile={"x": 1})
+
+
+def test_error_during_a_sampler_nodes_run_names_the_sampler_node(sd15, conds):
+    """The runtime raises while the host samples; the message names the node that started the run."""
+    st = cat_stack(A, B, C)
+    pos, neg = conds
+    with pytest.raises(CMLoRAError, match=r"^\[CMLoRA Sampler\] input 'schedule': 3 LoRAs need at least 3 steps"):
+        SamplerNode.execute(model=sd15[0], stack=st, method="cmlora", switch_interval=1, schedule=schedule(st)[0],
+                            seed=0, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal", positive=pos,
+                            negative=neg, latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0)
 
 
 def test_online_switch_point_follows_threshold_in_a_real_run(sd15, conds):
