@@ -89,7 +89,7 @@ def attention_layers(unet) -> tuple[list[tuple[str, int, int]], int]:
         for m in block:
             if hasattr(m, "transformer_blocks"):
                 found.append((ds, "output", i, len(m.transformer_blocks)))
-        if any(type(m).__name__ == "Upsample" for m in block):
+        if any(isinstance(m, host.Upsample) for m in block):
             ds //= 2
     if not found:
         raise CMLoRAError(NODE, "model", "this model has no cross-attention layers to read concepts from.",

@@ -48,6 +48,7 @@ ProgressBar = comfy.utils.ProgressBar
 forward_timestep_embed = openaimodel.forward_timestep_embed
 timestep_embedding = openaimodel.timestep_embedding
 Downsample = openaimodel.Downsample
+Upsample = openaimodel.Upsample
 UNetModel = openaimodel.UNetModel
 
 
@@ -199,6 +200,49 @@ def weights_writable(model_patcher, keys) -> bool:
         if type(data) is not torch.Tensor or data.dtype not in _FOLDABLE:
             return False
     return True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFactors:
+    """The factors of a plain LoRA/LoCon patch: delta = scale * up @ down (optionally through ``mid``)."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    alpha: float | None
+    mid: torch.Tensor | None  # LoCon's middle (tucker) factor
+    dora_scale: torch.Tensor | None
+    reshape: object | None  # the shape the host reshapes the weight to before patching
+
+    @property
+    def plain(self) -> bool:
+        """Up and down only: the delta is a product of two matrices the pack can route itself."""
+        return self.mid is None and self.dora_scale is None and self.reshape is None
+
+
+def lora_factors(patch) -> LoraFactors | None:
+    """The factors of a host patch when it is a plain LoRA adapter; None for every other adapter
+    (LoHa, LoKr, diff, ...), which only the host's own ``calculate_weight`` reads."""
+    if not isinstance(patch, LoRAAdapter):
+        return None
+    up, down, alpha, mid, dora, reshape = patch.weights
+    return LoraFactors(up, down, alpha, mid, dora, reshape)
+
+
+def fold_patch(base_model, key: str, patch, strength: float):
+    """Write ``weight + strength * patch`` into a plain float parameter, as the host's patcher does
+    (float32 sum, stochastic rounding to the weight's dtype); return the original parameter object,
+    which ``set_attr(base_model, key, original)`` puts back."""
+    weight = get_key_weight(base_model, key)[0]
+    merged = calculate_weight([(strength, patch, 1.0, None, None)], weight.detach().to(torch.float32, copy=True), key)
+    set_attr_param(base_model, key, stochastic_rounding(merged, weight.dtype, seed=string_to_seed(key)))
+    return weight
+
+
+def patch_difference(base_model, key: str, patch) -> torch.Tensor:
+    """What a patch at strength 1 adds to a parameter (float32), by the host's own ``calculate_weight``
+    (every adapter type it knows: LoHa, LoKr, DoRA, diff, ...)."""
+    base = float_weight(base_model, key)
+    return calculate_weight([(1.0, patch, 1.0, None, None)], base.clone(), key) - base
 
 
 def float_weight(base_model, key: str) -> torch.Tensor:

@@ -109,14 +109,14 @@ class MappedLora:
 def _check_shapes(patches: dict, shapes: dict, name: str, node: str, base_hint: str, family: str) -> None:
     bad = []
     for key, patch in patches.items():
-        if not isinstance(patch, host.LoRAAdapter) or not isinstance(key, str) or key not in shapes:
+        factors = host.lora_factors(patch)
+        if factors is None or not isinstance(key, str) or key not in shapes:
             continue
-        up, down = patch.weights[0], patch.weights[1]
+        if factors.reshape is not None or factors.mid is not None:  # reshape/tucker: the host handles them
+            continue
         target = shapes[key]
-        if patch.weights[5] is not None or patch.weights[3] is not None:  # reshape/tucker: host handles
-            continue
-        if up.shape[0] != target[0] or down[0].numel() != torch.Size(target[1:]).numel():
-            bad.append((key, tuple(target), (up.shape[0], down[0].numel())))
+        if factors.up.shape[0] != target[0] or factors.down[0].numel() != torch.Size(target[1:]).numel():
+            bad.append((key, tuple(target), (factors.up.shape[0], factors.down[0].numel())))
     if bad:
         key, target, got = bad[0]
         raise CMLoRAError(

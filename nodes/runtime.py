@@ -178,21 +178,18 @@ def build_delta(base_model, key: str, patch, node: str = "CMLoRA Apply"):
     module_path, param = key.rsplit(".", 1)
     module = host.get_attr(base_model, module_path)
     kind, conv = _module_kind(module, node)
-    if param == "weight" and isinstance(patch, host.LoRAAdapter):
-        up, down, alpha, mid, dora, reshape = patch.weights
-        groups = conv.get("groups", 1)
-        if mid is None and dora is None and reshape is None and groups == 1:
-            rank = down.shape[0]
-            scale = (alpha / rank) if alpha is not None else 1.0
-            if kind == "linear":
-                return module_path, LowRankDelta(down.reshape(rank, -1), up.reshape(up.shape[0], rank), scale, kind)
-            kernel = host.get_attr(base_model, key).shape[1:]
-            return module_path, LowRankDelta(down.reshape(rank, *kernel), up.reshape(up.shape[0], rank, 1, 1),
-                                             scale, kind, conv)
+    factors = host.lora_factors(patch) if param == "weight" else None
+    if factors is not None and factors.plain and conv.get("groups", 1) == 1:
+        up, down = factors.up, factors.down
+        rank = down.shape[0]
+        scale = (factors.alpha / rank) if factors.alpha is not None else 1.0
+        if kind == "linear":
+            return module_path, LowRankDelta(down.reshape(rank, -1), up.reshape(up.shape[0], rank), scale, kind)
+        kernel = host.get_attr(base_model, key).shape[1:]
+        return module_path, LowRankDelta(down.reshape(rank, *kernel), up.reshape(up.shape[0], rank, 1, 1),
+                                         scale, kind, conv)
     # every other adapter: the exact dense difference, computed by the host's own code
-    base = host.float_weight(base_model, key)
-    patched = host.calculate_weight([(1.0, patch, 1.0, None, None)], base.clone(), key)
-    diff = (patched - base)
+    diff = host.patch_difference(base_model, key, patch)
     if param == "weight":
         return module_path, DenseDelta(diff, None, kind, conv)
     return module_path, DenseDelta(None, diff, kind, conv)
@@ -457,7 +454,7 @@ class MultiLoraRuntime:
         trace.full_passes += len(full)
         trace.shallow_passes += len(shallow)
         trace.reused += len(reuse)
-        return sum(plan.weights[i] * outs[i] for i in range(len(self.loras)))
+        return sum(w * outs[i] for i, w in enumerate(plan.weights))
 
     def observe_denoised(self, args):
         """Post-CFG hook (online mode): tell the planner how much high frequency x0 still has."""
@@ -479,13 +476,8 @@ class MultiLoraRuntime:
         base = self._base_model
         self._unfold()
         ml = self.loras[k]
-        for key, patch in ml.patches.items():
-            weight = host.get_key_weight(base, key)[0]  # plain float weights: see _switch_routes
-            self._saved[key] = weight
-            temp = weight.detach().to(torch.float32, copy=True)
-            merged = host.calculate_weight([(ml.entry.strength_model, patch, 1.0, None, None)], temp, key)
-            merged = host.stochastic_rounding(merged, weight.dtype, seed=host.string_to_seed(key))
-            host.set_attr_param(base, key, merged)
+        for key, patch in ml.patches.items():  # plain float weights: see _switch_routes
+            self._saved[key] = host.fold_patch(base, key, patch, ml.entry.strength_model)
         self._folded = k
         if self.trace is not None:
             self.trace.folds += 1
