@@ -124,6 +124,9 @@ class CLoRARuntime(MultiLoraRuntime):
         self.ds_factor = ds_factor
         super().__init__("clora", loras)
         self.runs: list[CLoRATrace] = []  # finished runs, oldest first
+        # what each copy of a model call's rows is, for the NaN stop: branch 0, then one per subject
+        self.branch_labels = ["the base prompt's branch"] + [f"LoRA '{loras[i].entry.name}'"
+                                                            for i in branches.subject_loras]
 
     def _reset(self) -> None:
         super()._reset()
@@ -301,8 +304,7 @@ class CLoRARuntime(MultiLoraRuntime):
             maps = self.maps
         finally:
             self.maps, self.routing = None, None
-        labels = ["the base prompt's branch"] + [f"LoRA '{self.loras[i].entry.name}'" for i in self.branches.subject_loras]
-        out = self._finite(out, list(range(copies)), step, labels)
+        out = self._finite(out, list(range(copies)), step, self.branch_labels)
         size = self._attention_size(x)
         subject = torch.stack([concept_masks(m, self.settings.mask_threshold)
                                for m in self._concept_maps(maps, rows, copies, b, chunks, length, size)])

@@ -163,7 +163,8 @@ def check_profile(profile, node: str, input: str = "profile") -> dict:
     for i, e in enumerate(loras):
         r = run(e, f"LoRA {i + 1}")
         r["set"] = e.get("set") if e.get("set") in ("H", "L") else bad(f"LoRA {i + 1} set is not H or L")
-        r["measured_set"] = e.get("measured_set", r["set"]) if e.get("measured_set", r["set"]) in ("H", "L") else r["set"]
+        measured = e.get("measured_set")
+        r["measured_set"] = measured if measured in ("H", "L") else r["set"]
         r["sha256"] = text(e.get("sha256", ""), f"LoRA {i + 1} sha256")
         r["strength_model"] = number(e.get("strength_model", 1.0), f"LoRA {i + 1} strength_model")
         r["category"] = text(e.get("category", "auto"), f"LoRA {i + 1} category")

@@ -350,14 +350,16 @@ class MultiLoraRuntime:
         out = self._forward_copies(executor, trace, indices, x, timesteps, context, y, control, to, kwargs)
         return combine_copies(self._finite(out, indices, step), composite_weights(len(self.loras)))
 
-    def _finite(self, out: torch.Tensor, indices: list[int], step: int, labels: list[str] | None = None) -> torch.Tensor:
-        """``out`` (one block of rows per LoRA in ``indices``), or a stop naming the LoRAs whose rows hold
-        NaN or inf (``labels`` names the blocks otherwise). One reduction per model call; the blocks are
-        looked at only when it fails."""
+    def _finite(self, out: torch.Tensor, indices: list[int], step: int, labels: list[str] | None = None,
+                blocks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``out``, or a stop naming the LoRAs whose rows hold NaN or inf. One reduction per model call;
+        only when it fails are the per-LoRA ``blocks`` looked at (default: ``out`` split into one block
+        of rows per entry of ``indices``; ``labels`` names them, default "LoRA '<name>'")."""
         if out.is_meta or bool(torch.isfinite(out).all()):
             return out
         labels = labels or [f"LoRA '{self.loras[i].entry.name}'" for i in indices]
-        bad = [label for label, o in zip(labels, out.chunk(len(labels))) if not bool(torch.isfinite(o).all())]
+        blocks = blocks if blocks is not None else out.chunk(len(labels))
+        bad = [label for label, o in zip(labels, blocks) if not bool(torch.isfinite(o).all())]
         who = (", ".join(bad) if len(bad) < len(labels) or len(labels) == 1
                else f"every row ({', '.join(bad)}), so the base model or the settings are the likelier cause")
         raise CMLoRAError(self.node, "stack", f"the prediction at step {step} holds NaN or infinite values from {who}.",
@@ -431,8 +433,7 @@ class MultiLoraRuntime:
         outs = {}
         if full:
             sink = [] if cache == "deep" else None
-            out = self._finite(self._forward_copies(executor, trace, full, x, timesteps, context, y, control, to,
-                                                    kwargs, sink), full, step)
+            out = self._forward_copies(executor, trace, full, x, timesteps, context, y, control, to, kwargs, sink)
             for i, o, d in zip(full, out.chunk(len(full)), sink[0].chunk(len(full)) if sink else [None] * len(full)):
                 outs[i] = o
                 if d is not None:
@@ -444,8 +445,7 @@ class MultiLoraRuntime:
             deep = torch.cat([self._deep[(i, key)] for i in shallow])
             self.routing = routing
             try:
-                out = self._finite(shallow_forward(unet, self._split, rep(x), rep(timesteps), rep(context), rep(y),
-                                                   deep, to2), shallow, step)
+                out = shallow_forward(unet, self._split, rep(x), rep(timesteps), rep(context), rep(y), deep, to2)
             finally:
                 self.routing = None
             outs.update(zip(shallow, out.chunk(len(shallow))))
@@ -454,7 +454,9 @@ class MultiLoraRuntime:
         trace.full_passes += len(full)
         trace.shallow_passes += len(shallow)
         trace.reused += len(reuse)
-        return sum(w * outs[i] for i, w in enumerate(plan.weights))
+        indices = list(range(len(self.loras)))
+        mixed = sum(w * outs[i] for i, w in enumerate(plan.weights))
+        return self._finite(mixed, indices, step, blocks=[outs[i] for i in indices])
 
     def observe_denoised(self, args):
         """Post-CFG hook (online mode): tell the planner how much high frequency x0 still has."""

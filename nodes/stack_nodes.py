@@ -21,13 +21,9 @@ STRENGTH = 20.0  # the stack node's strength range, -STRENGTH..STRENGTH; LORA_ST
 
 
 def make_entry(name, strength_model, strength_clip, enabled, category, concept, trigger, node, input="lora_name") -> LoraEntry:
+    """A stack entry from checked values (strengths finite and within -STRENGTH..STRENGTH)."""
     if category not in CATEGORIES:
         raise CMLoRAError(node, "category", f"unknown category {category!r}.", f"choose one of {', '.join(CATEGORIES)}.")
-    for label, value in (("strength_model", strength_model), ("strength_clip", strength_clip)):
-        if input == "lora_name":
-            check_number(node, label, value, -STRENGTH, STRENGTH)
-        else:  # an entry of a LORA_STACK
-            check_number(node, input, value, -STRENGTH, STRENGTH, what=f"{label} of {shown(name)}")
     lf = load_lora_file(name, node, input)
     return LoraEntry(name=name, path=lf.info.path, strength_model=float(strength_model),
                      strength_clip=float(strength_clip), enabled=bool(enabled), category=category,
@@ -108,6 +104,8 @@ class StackFromLoraStack(io.ComfyNode):
             name, sm, sc = item[0], item[1], item[2]
             if name in (None, "None", ""):
                 continue  # stackers use "None" for an empty slot
+            for label, value in (("strength_model", sm), ("strength_clip", sc)):  # held to the stack node's range
+                check_number(node, "lora_stack", value, -STRENGTH, STRENGTH, what=f"{label} of {shown(name)}")
             stack = stack.append(make_entry(name, sm, sc, True, "auto", "", "", node, "lora_stack"), node)
         return io.NodeOutput(stack)
 
