@@ -33,8 +33,7 @@ def _apply_inputs():
 
 
 def patched_model(model, stack, method, switch_interval, schedule, node):
-    if method not in METHODS:
-        raise CMLoRAError(node, "method", f"unknown method {method!r}.", f"choose one of {', '.join(METHODS)}.")
+    """The patched clone and the mapped LoRAs, for inputs the node's ``check_inputs`` has checked."""
     if schedule is not None and method != "cmlora":
         raise CMLoRAError(node, "schedule", f"a schedule is connected but method is '{method}', which ignores it.",
                           "set method to 'cmlora' or disconnect the schedule.")

@@ -121,10 +121,6 @@ class SchedulerNode(io.ComfyNode):
         node = check_inputs(cls, locals())
         settings = ScheduleSettings(mode, switch_interval, cache, refresh, refresh_interval, h_to_l_fraction,
                                     online_threshold, w_dom, dominant_full)
-        try:
-            settings.validate()
-        except ValueError as e:
-            raise CMLoRAError(node, None, f"{e}.", "pick one of the listed options.") from e
         if profile is not None:
             profile = check_profile(profile, node)
             names = [e["name"] for e in profile["loras"]]
