@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import time
 
-from .counter import FlopCounter
 from .harness import Case, build_model, import_host, mapped_loras, patched_model, runtime_of, sample
 
 RANK = 32
@@ -54,19 +53,10 @@ def meta_wrappers(model_patcher, calls: list) -> None:
     model_patcher.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "benchmark", bridge)
 
 
-@contextlib.contextmanager
 def meta_attention():
-    """PyTorch's attention while counting: the host's CPU default asks the device for free
-    memory, which meta cannot answer. Every implementation does the same two matrix products,
-    so the count does not depend on the choice."""
-    from comfy.ldm.modules import attention
+    from comfyui_cmlora.nodes.host import meta_attention as attention
 
-    saved = attention.optimized_attention
-    attention.optimized_attention = attention.attention_pytorch
-    try:
-        yield
-    finally:
-        attention.optimized_attention = saved
+    return attention()
 
 
 class MetaBench:
@@ -84,6 +74,8 @@ class MetaBench:
         meta_wrappers(self.model, self.calls)
 
     def run(self, case: Case) -> dict:
+        from comfyui_cmlora.cmlora_core.flops import FlopCounter
+
         model, pos, neg = patched_model(case, self.model, self.loras, self.arch_key)
         started = time.perf_counter()
         self.calls.clear()
@@ -98,8 +90,8 @@ class MetaBench:
     def pass_costs(self) -> dict:
         """FLOPs of one call's passes: plain UNet, full and shallow with one LoRA routed."""
         import torch
-        from comfyui_cmlora.cmlora_core.routing import Routing
-        from comfyui_cmlora.nodes.runtime import MultiLoraRuntime
+        from comfyui_cmlora.cmlora_core.flops import FlopCounter
+        from comfyui_cmlora.nodes.routed import RoutedLoras
         from comfyui_cmlora.nodes.unet_split import capture_patch, find_split, shallow_forward
 
         from .harness import ARCHS, unet_config
@@ -113,24 +105,25 @@ class MetaBench:
         adm = unet_config(self.arch_key).get("adm_in_channels")
         y = None if adm is None else torch.empty(rows, adm, device="meta", dtype=torch.float16)
         split = find_split(unet)
-        runtime = MultiLoraRuntime("composite", self.loras[:1])
+        lora = RoutedLoras(self.loras[:1], "benchmark")
         costs = {}
-        runtime.inject(self.model)
+        lora.install(self.model.model)
         try:
             for routed in (False, True):
-                runtime.routing = Routing.blocks(rows, [(0, 1.0)]) if routed else None
                 sink: list = []
                 to = {"patches": {"output_block_patch": [capture_patch(split, sink)]}}
-                with torch.inference_mode(), meta_attention():
-                    with FlopCounter() as full:
-                        unet(x, t, context=ctx, y=y, transformer_options=to)
-                    with FlopCounter() as shallow:
-                        shallow_forward(unet, split, x, t, ctx, y, sink[0], {})
+                with contextlib.ExitStack() as stack:
+                    if routed:
+                        stack.enter_context(lora.routed(lora.blocks(rows, [0])))
+                    with torch.inference_mode(), meta_attention():
+                        with FlopCounter() as full:
+                            unet(x, t, context=ctx, y=y, transformer_options=to)
+                        with FlopCounter() as shallow:
+                            shallow_forward(unet, split, x, t, ctx, y, sink[0], {})
                 suffix = "lora" if routed else "unet"
                 costs[f"full_{suffix}"], costs[f"shallow_{suffix}"] = full.total, shallow.total
         finally:
-            runtime.routing = None
-            runtime.eject(self.model)
+            lora.remove()
         return costs
 
 
@@ -141,10 +134,12 @@ def trace_summary(model, calls: list) -> dict:
     if runtime is None:  # merge: the host folds the LoRAs, no runtime
         return out
     trace = runtime.last_trace
-    out.update({"runtime_calls": trace.model_calls, "call_rows": list(trace.call_rows), "folds": trace.folds,
-                "full": trace.full_passes, "shallow": trace.shallow_passes, "reused": trace.reused,
-                "switched_at": trace.switched_at, "active": [trace.active[s] for s in sorted(trace.active)],
-                "status": trace.status})
+    out.update({"runtime_calls": trace.model_calls, "call_rows": list(trace.call_rows), "status": trace.status})
+    if runtime.method == "switch":
+        out.update({"folds": trace.folds, "active": [trace.active[s] for s in sorted(trace.active)]})
+    if runtime.method == "cmlora":
+        out.update({"full": trace.full_passes, "shallow": trace.shallow_passes, "reused": trace.reused,
+                    "switched_at": trace.switched_at})
     clora = getattr(runtime, "last_clora", None)
     if clora is not None:
         out["loss_passes"] = sum(len(v) for v in clora.losses.values())
@@ -161,7 +156,7 @@ def expected_passes(case: Case, steps: int, calls_per_step: int, switched_at: in
     """
     from comfyui_cmlora.cmlora_core.clora import update_plan
     from comfyui_cmlora.cmlora_core.cmlora import FULL, SHALLOW, Planner
-    from comfyui_cmlora.cmlora_core.schedule import switch_active
+    from comfyui_cmlora.cmlora_core.steps import switch_active
 
     from .harness import cmlora_schedule
 

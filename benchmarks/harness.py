@@ -53,6 +53,7 @@ ARCHS = {
     "sd15": Arch("SD1.5", "SD15", 512, 768),
     "sdxl": Arch("SDXL", "SDXL", 1024, 2048, 1280),
     "small": Arch("small SD1.5-layout", "SD15", 64, 768),
+    "fixture": Arch("the tests' SD1.5-layout fixture", "SD15", 64, 768),
 }
 
 # categories given to LoRA i: background LoRAs form CMLoRA's low-frequency set
@@ -108,6 +109,8 @@ def unet_config(arch_key: str) -> dict:
         return dict(SDXL_FULL)
     import make_fixtures
 
+    if arch_key == "fixture":
+        return dict(make_fixtures.SD15_UNET)
     # the test fixture's layout (three levels, attention at each) at width 128 instead of 320,
     # so that the whole timing matrix runs on two CPU cores in minutes
     return dict(make_fixtures.SD15_UNET, model_channels=128)
@@ -223,7 +226,7 @@ def concept_positions(n: int) -> list[dict]:
 def patched_model(case: Case, model_patcher, loras: list, arch_key: str):
     """(model, positive, negative) for the case, built by the nodes' own functions."""
     from comfyui_cmlora.nodes.clora_runtime import Branches, CLoRASettings, attach_clora
-    from comfyui_cmlora.nodes.runtime import apply_method
+    from comfyui_cmlora.nodes.methods import apply_method
 
     loras = loras[:case.n]
     if case.method == "clora":
@@ -261,9 +264,9 @@ def cmlora_schedule(case: Case):
 
 
 def runtime_of(model):
-    from comfyui_cmlora.nodes.runtime import KEY
+    from comfyui_cmlora.nodes.runtime import runtime_of as attached
 
-    return model.get_attachment(KEY)
+    return attached(model)
 
 
 def sample(model, positive, negative, arch_key: str, steps: int, size: int | None = None, cfg: float = 5.0,

@@ -10,13 +10,12 @@ import torch
 
 
 def apply_sequential_composite(model, loras):
-    from comfyui_cmlora.nodes.runtime import MultiLoraRuntime
+    from comfyui_cmlora.nodes.methods import CompositeRuntime
 
-    class SequentialComposite(MultiLoraRuntime):
-        def _forward_copies(self, executor, trace, indices, *args, capture=None):
-            outs = [super(SequentialComposite, self)._forward_copies(executor, trace, [i], *args) for i in indices]
-            return torch.cat(outs)
+    class SequentialComposite(CompositeRuntime):
+        def evaluate(self, executor, call, indices):
+            return torch.cat([super(SequentialComposite, self).evaluate(executor, call, [i]) for i in indices])
 
     clone = model.clone()
-    SequentialComposite("composite", loras).attach(clone)
+    SequentialComposite(loras, "benchmark").attach(clone)
     return clone

@@ -110,3 +110,71 @@ def fuse(outputs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     outputs: (P, b, C, H, W); masks: (P, b, 1, H, W), with every pixel in at least one mask.
     """
     return (outputs * masks).sum(0) / masks.sum(0).clamp_min(1e-8)
+
+
+# ------------------------------------------------------------------ attention maps
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head attention that also returns its probabilities averaged over the heads.
+
+    q: (b, n, c), k and v: (b, m, c) -> output (b, n, c) and probabilities (b, n, m), float32.
+    """
+    b, n, c = q.shape
+    d = c // heads
+    qh = q.reshape(b, n, heads, d).transpose(1, 2)
+    kh = k.reshape(b, -1, heads, d).transpose(1, 2)
+    vh = v.reshape(b, -1, heads, d).transpose(1, 2)
+    probs = (qh.float() @ kh.float().transpose(-1, -2) * d ** -0.5).softmax(-1)
+    out = (probs.to(vh.dtype) @ vh).transpose(1, 2).reshape(b, n, c)
+    return out, probs.mean(1)
+
+
+def fit_tokens(context: torch.Tensor, length: int) -> torch.Tensor:
+    """Repeat the token axis to ``length`` (a multiple of it): attention over repeated keys is unchanged,
+    so prompts of different lengths can share one batch."""
+    return context if context.shape[1] == length else context.repeat(1, length // context.shape[1], 1)
+
+
+def token_map(maps: torch.Tensor, position: int, width: int) -> torch.Tensor:
+    """The map of the token at ``position`` of a ``width``-token prompt repeated along the last axis
+    of ``maps`` (see ``fit_tokens``): the sum over its copies, as its share of attention."""
+    return maps[..., position::width].sum(-1)
+
+
+def subject_maps(maps: torch.Tensor, subjects: list[list[int]], widths: list[int], rows: int, b: int,
+                 chunks: list[int], size: tuple[int, int]) -> list[list[torch.Tensor]]:
+    """Per subject p (1..P-1): the maps of its concept's tokens in its own branch, (b, h, w) each.
+
+    maps: (P*rows, h*w, L), the layer-averaged maps of P branches of ``rows`` rows each, a branch
+    holding chunks (cond, uncond, ...) of ``b`` rows; ``chunks`` lists the chunks whose maps are
+    averaged; ``subjects[p-1]`` the token positions of subject p in branch p's prompt of
+    ``widths[p]`` tokens.
+    """
+    h, w = size
+    out = []
+    for p, positions in enumerate(subjects, start=1):
+        per_token = []
+        for t in positions:
+            a = sum(token_map(maps[p * rows + j * b:p * rows + (j + 1) * b], t, widths[p]) for j in chunks)
+            per_token.append((a / len(chunks)).reshape(b, h, w))
+        out.append(per_token)
+    return out
+
+
+def contrastive_loss(maps: torch.Tensor, tokens: list[dict[int, list[int]]], widths: list[int], b: int,
+                     temperature: float) -> torch.Tensor:
+    """NT-Xent over every (branch, concept token) map, averaged over the latent batch.
+
+    maps: (P*b, h*w, L) layer-averaged maps of P branches of b rows; ``tokens[p]`` maps a concept
+    index to its token positions in branch p's prompt of ``widths[p]`` tokens.
+    """
+    total = 0.0
+    for e in range(b):
+        items, concept = [], []
+        for p, by_concept in enumerate(tokens):
+            for c, positions in by_concept.items():
+                for t in positions:
+                    items.append(token_map(maps[p * b + e], t, widths[p]))
+                    concept.append(c)
+        total = total + nt_xent(torch.stack(items), concept, temperature)
+    return total / b

@@ -223,9 +223,26 @@ class Planner:
         return StepPlan(step, dominant, step_weights(n, dominant, w), passes, phase)
 
 
-def validate_run(schedule: Schedule, total: int) -> None:
-    n = len(schedule.high) + len(schedule.low)
-    if n < 2:
-        raise ValueError("CMLoRA composes at least 2 LoRAs")
-    if total < n:
-        raise ValueError(f"{n} LoRAs need at least {n} steps, the run has {total}")
+class ScheduleMismatch(ValueError):
+    """A schedule that cannot compose this stack or this run: ``problem`` and ``fix`` in words."""
+
+    def __init__(self, input: str, problem: str, fix: str):
+        super().__init__(problem)
+        self.input, self.problem, self.fix = input, problem, fix
+
+
+def check_schedule(schedule: Schedule, names, total: int | None = None) -> None:
+    """The one rule for composing with a schedule, checked where the stack is known (``names``,
+    the active entries in stack order) and again when the run's step count ``total`` is known:
+    the schedule was made for these LoRAs, there are at least two, and at least as many steps."""
+    names = tuple(names)
+    if tuple(schedule.names) != names:
+        raise ScheduleMismatch("schedule", f"the schedule was made for the LoRAs {list(schedule.names)}, but this "
+                               f"stack composes {list(names)}.",
+                               "rebuild the schedule from this stack (re-run the profiler/scheduler).")
+    if len(names) < 2:
+        raise ScheduleMismatch("stack", f"CMLoRA composes at least 2 LoRAs; the stack has {len(names)} active LoRA.",
+                               "add LoRAs, or use method 'merge' for a single LoRA.")
+    if total is not None and total < len(names):
+        raise ScheduleMismatch("schedule", f"{len(names)} LoRAs need at least {len(names)} steps, the run has {total}.",
+                               "sample with at least as many steps as the stack has LoRAs.")

@@ -91,6 +91,16 @@ class DenseDelta(Delta):
                         self.conv.get("dilation", 1), self.conv.get("groups", 1))
 
 
+class SumDelta:
+    """Two deltas on one layer (a LoRA that patches both its weight and its bias)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, x):
+        return self.first(x) + self.second(x)
+
+
 @dataclass(frozen=True)
 class Route:
     """Rows [start, stop) of the current model call get LoRA ``lora`` at weight ``weight``."""

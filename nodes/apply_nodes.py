@@ -10,7 +10,8 @@ from .checks import check_inputs
 from .host import io
 from .loras import map_model_lora
 from .profiling import model_fingerprint
-from .runtime import KEY, METHODS, apply_method
+from .methods import METHODS, apply_method
+from .runtime import runtime_of
 from .stack_nodes import Stack
 
 log = logging.getLogger("cmlora")
@@ -113,8 +114,8 @@ class SamplerNode(io.ComfyNode):
                                latent_image, denoise)
         lines = [f"method {method}, {len(mapped)} LoRAs, {steps} steps, cfg {cfg}, {sampler_name}/{scheduler}"]
         lines += [m.describe() for m in mapped]
-        runtime = patched.get_attachment(KEY)
+        runtime = runtime_of(patched)
         if runtime is not None:
-            lines.append("run: " + runtime.describe_trace(runtime.last_trace))
+            lines.append("run: " + runtime.report(runtime.last_trace))
         report = "\n".join(lines)
         return io.NodeOutput(latent, report, ui=host.ui.PreviewText(report))

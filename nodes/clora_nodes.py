@@ -16,7 +16,7 @@ from .checks import check_inputs
 from .host import io
 from .loras import map_clip_lora, map_model_lora
 from .plots import PALETTE
-from .runtime import KEY
+from .runtime import runtime_of
 from .stack_nodes import Stack
 
 log = logging.getLogger("cmlora")
@@ -180,7 +180,7 @@ class MaskOutput(io.ComfyNode):
     @classmethod
     def execute(cls, model, samples, step, image=None):
         node = check_inputs(cls, locals())
-        runtime = model.get_attachment(KEY)
+        runtime = runtime_of(model)
         if not isinstance(runtime, CLoRARuntime):
             raise CMLoRAError(node, "model", "this model does not come from a CLoRA Attention Masker.",
                               "connect the model output of CLoRA Attention Masker.")

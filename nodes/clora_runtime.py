@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cmlora_core.clora import (branch_masks, concept_masks, euler_correction, fuse, nt_xent, update_plan,
-                                 x_space_step)
+from ..cmlora_core.clora import (attention_probs, branch_masks, concept_masks, contrastive_loss, euler_correction,
+                                 fit_tokens, fuse, subject_maps, update_plan, x_space_step)
 from ..cmlora_core.errors import CMLoRAError
-from ..cmlora_core.routing import Route, Routing, repeat_rows
-from ..cmlora_core.schedule import num_steps, step_index
+from ..cmlora_core.routing import Route, Routing
 from . import host
-from .runtime import KEY, MultiLoraRuntime, runtime_of
+from .routed import ModelCall
+from .runtime import PatcherEntry, Runtime, check_finite
 
 log = logging.getLogger("cmlora")
 NODE = "CLoRA Attention Masker"
@@ -99,30 +99,30 @@ def attention_layers(unet) -> tuple[list[tuple[str, int, int]], int]:
 
 
 def _value(t: torch.Tensor) -> float:
-    """A scalar tensor's value; NaN on the meta device, where the benchmark counts FLOPs without values."""
+    """A scalar tensor's value; NaN on the meta device (a run counted for FLOPs has no values)."""
     return math.nan if t.is_meta else float(t.detach())
 
 
-def _fit_tokens(ctx: torch.Tensor, length: int) -> torch.Tensor:
-    """Repeat the token axis to ``length`` (a multiple): attention over repeated keys is unchanged."""
-    return ctx if ctx.shape[1] == length else ctx.repeat(1, length // ctx.shape[1], 1)
+class _Attention(PatcherEntry):
+    def __call__(self, q, k, v, extra_options):
+        return self.running(extra_options).attention(q, k, v, extra_options)
 
 
-def _attention(q, k, v, extra_options):
-    return runtime_of(extra_options, NODE).attention(q, k, v, extra_options)
+class _SamplerSample(PatcherEntry):
+    def __call__(self, executor, *args, **kwargs):
+        extra_args = kwargs["extra_args"] if "extra_args" in kwargs else args[2]
+        return self.running(extra_args["model_options"]["transformer_options"]).sampler_sample(executor, *args, **kwargs)
 
 
-def _sampler_sample(executor, *args, **kwargs):
-    extra_args = kwargs["extra_args"] if "extra_args" in kwargs else args[2]
-    return runtime_of(extra_args["model_options"]["transformer_options"], NODE).sampler_sample(executor, *args, **kwargs)
+class CLoRARuntime(Runtime):
+    method = "clora"
 
-
-class CLoRARuntime(MultiLoraRuntime):
-    def __init__(self, loras, branches: Branches, settings: CLoRASettings, layers, ds_factor: int):
+    def __init__(self, loras, branches: Branches, settings: CLoRASettings, layers, ds_factor: int, node: str = NODE):
         self.branches, self.settings, self.layers = branches, settings, layers
         self.last_layer = layers[-1]
         self.ds_factor = ds_factor
-        super().__init__("clora", loras)
+        self.widths = [c.shape[1] for c in branches.contexts]  # tokens of each branch's prompt
+        super().__init__(loras, node)
         self.runs: list[CLoRATrace] = []  # finished runs, oldest first
         # what each copy of a model call's rows is, for the NaN stop: branch 0, then one per subject
         self.branch_labels = ["the base prompt's branch"] + [f"LoRA '{loras[i].entry.name}'"
@@ -158,41 +158,34 @@ class CLoRARuntime(MultiLoraRuntime):
         return len(self.branches.contexts)
 
     # ------------------------------------------------------------------ installation
-    def attach(self, clone, node: str = NODE) -> None:
-        super().attach(clone, node)
-        clone.add_wrapper_with_key(host.WrappersMP.SAMPLER_SAMPLE, KEY, _sampler_sample)
+    def register(self, clone) -> None:
+        clone.add_wrapper_with_key(host.WrappersMP.SAMPLER_SAMPLE, self.key, _SamplerSample(self.node))
         for block, index, t in self.layers:
-            clone.set_model_attn2_replace(_attention, block, index, t)
+            clone.set_model_attn2_replace(_Attention(self.node), block, index, t)
 
     def attention(self, q, k, v, extra_options):
         """Cross-attention with its probabilities kept (mean over heads) at the target layers."""
-        heads = extra_options["n_heads"]
-        b, n, c = q.shape
-        d = c // heads
-        qh = q.reshape(b, n, heads, d).transpose(1, 2)
-        kh = k.reshape(b, -1, heads, d).transpose(1, 2)
-        vh = v.reshape(b, -1, heads, d).transpose(1, 2)
-        probs = (qh.float() @ kh.float().transpose(-1, -2) * d ** -0.5).softmax(-1)
-        out = (probs.to(vh.dtype) @ vh).transpose(1, 2).reshape(b, n, c)
+        out, probs = attention_probs(q, k, v, extra_options["n_heads"])
         if self.maps is not None:
-            self.maps.append(probs.mean(1))
+            self.maps.append(probs)
             key = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
             if self.loss_pass and key == self.last_layer:
                 raise _StopLoss
         return out
 
-    # ------------------------------------------------------------------ wrappers
-    def outer_sample(self, executor, *args, **kwargs):
+    # ------------------------------------------------------------------ one run
+    def begin_run(self, model_patcher) -> None:
         self.clora_trace, self._updated, self._grad_params = CLoRATrace(), {}, None
-        try:
-            out = super().outer_sample(executor, *args, **kwargs)
-            if not out.is_meta:
-                self.clora_trace.latent = out.detach().to("cpu", torch.float32)
-            return out
-        finally:
-            self.maps, self.loss_pass, self._grad_params, self._updated = None, False, None, {}
+
+    def end_run(self, out) -> None:
+        if not out.is_meta:
+            self.clora_trace.latent = out.detach().to("cpu", torch.float32)
+
+    def cleanup(self) -> None:
+        self.maps, self.loss_pass, self._grad_params, self._updated = None, False, None, {}
+        if self.clora_trace is not None:
             self.runs = (self.runs + [self.clora_trace])[-RECENT_RUNS:]
-            self.clora_trace = None
+        self.clora_trace = None
 
     def sampler_sample(self, executor, *args, **kwargs):
         fn = getattr(executor.class_obj, "sampler_function", None)
@@ -201,38 +194,34 @@ class CLoRARuntime(MultiLoraRuntime):
             self.clora_trace.sampler = self._sampler_name
         return executor(*args, **kwargs)
 
-    def diffusion_model(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        to = transformer_options
-        points = self._schedule_points(to["sample_sigmas"])
-        step, total = step_index(points, to["sigmas"]), num_steps(points)
-        trace = self.trace
-        trace.steps = total
-        trace.model_calls += 1
-        host.throw_if_interrupted()
-        sigma = float(to["sigmas"].reshape(-1)[0])
-        model_sampling = self._base_model.model_sampling
-        chunks = list(to.get("cond_or_uncond", [0]))
-        b = x.shape[0] // len(chunks)
+    def model_call(self, executor, call: ModelCall, step: int):
+        points, total = self._sigmas, self.trace.steps
+        sigma = float(call.options["sigmas"].reshape(-1)[0])
+        model_sampling = self.base_model.model_sampling
+        chunks = list(call.options.get("cond_or_uncond", [0]))
+        b = call.rows // len(chunks)
         c_in = float(model_sampling.calculate_input(torch.tensor(sigma), torch.ones(1)).reshape(-1)[0])
-        x_latent = x[:b].float() / c_in  # every chunk holds the same latent rows
+        x_latent = call.x[:b].float() / c_in  # every chunk holds the same latent rows
         iterations = update_plan(total, self.settings.stop_fraction, self.settings.extra_iterations).get(step, 0)
         x_new = None
         if iterations and self.settings.step_size > 0 and len(self.branches.concept_names) >= 2:
             x_new = self._updated.get(step)
             if x_new is None:
                 self._check_exact()
-                x_new = self._update(executor.class_obj, x_latent, sigma, timesteps[:b], y, to, step, iterations)
+                x_new = self.update_latent(executor.class_obj, x_latent, sigma, call.timesteps[:b], call.y,
+                                           call.options, step, iterations)
                 self._updated[step] = x_new
-            x = (x_new * c_in).to(x.dtype).repeat(len(chunks), *([1] * (x.ndim - 1)))
-        out, masks = self._branch_forward(executor, x, timesteps, context, y, control, to, kwargs, chunks, b, step)
+            x = (x_new * c_in).to(call.x.dtype).repeat(len(chunks), *([1] * (call.x.ndim - 1)))
+            call = ModelCall(x, call.timesteps, call.context, call.y, call.control, call.options, call.extra)
+        out, masks = self._branch_forward(executor, call, chunks, b, step)
         self.clora_trace.masks[step] = masks
         if x_new is not None and step + 1 < len(points):
             corr = euler_correction(x_latent, x_new, sigma, points[step + 1]).to(out.dtype)
             out = out + corr.repeat(len(chunks), *([1] * (out.ndim - 1)))
         return out
 
-    def describe_trace(self, trace) -> str:
-        text = super().describe_trace(trace)
+    def details(self, trace) -> str:
+        text = super().details(trace)
         run = self.last_clora if self.clora_trace is None else self.clora_trace
         losses = {step: v for step, v in run.losses.items() if v} if run is not None else {}
         if losses:
@@ -254,33 +243,24 @@ class CLoRARuntime(MultiLoraRuntime):
 
     def _contexts(self, context, chunks, b, copies):
         """The call's context repeated per branch, cond rows replaced by each branch's prompt."""
-        lengths = [c.shape[1] for c in self.branches.contexts] + [context.shape[1]]
-        length = math.lcm(*lengths)
-        base = _fit_tokens(context, length)
+        length = math.lcm(*self.widths, context.shape[1])
+        base = fit_tokens(context, length)
         out = []
         for p in range(copies):
             ctx = base.clone()
-            branch = _fit_tokens(self.branches.contexts[p].to(ctx), length)
+            branch = fit_tokens(self.branches.contexts[p].to(ctx), length)
             for j, kind in enumerate(chunks):
                 if kind == 0:
                     ctx[j * b:(j + 1) * b] = branch
             out.append(ctx)
-        return torch.cat(out), length
+        return torch.cat(out)
 
-    def _concept_maps(self, maps, rows, copies, b, chunks, length, size) -> list[list[torch.Tensor]]:
-        """Per subject p: its concept tokens' maps in its own branch, (b, h, w) each, layer-averaged."""
-        avg = torch.stack(maps).mean(0)  # (copies*rows, h*w, L)
-        h, w = size
+    def subject_maps(self, maps: list[torch.Tensor], rows: int, b: int, chunks: list[int], size) -> list:
+        """Per subject: its concept tokens' maps (b, h, w) in its own branch, averaged over the
+        captured layers and over the chunks the ``attention`` setting uses."""
         use = [j for j, kind in enumerate(chunks) if kind == 0 or self.settings.attention == "both"]
-        out = []
-        for p in range(1, copies):
-            per_token = []
-            for t in self.branches.concept_tokens[p].get(p - 1, []):
-                reps = range(t, length, self.branches.contexts[p].shape[1])
-                a = sum(avg[p * rows + j * b:p * rows + (j + 1) * b, :, r] for j in use for r in reps) / len(use)
-                per_token.append(a.reshape(b, h, w))
-            out.append(per_token)
-        return out
+        subjects = [self.branches.concept_tokens[p].get(p - 1, []) for p in range(1, len(self.widths))]
+        return subject_maps(torch.stack(maps).mean(0), subjects, self.widths, rows, b, use, size)
 
     def _attention_size(self, x) -> tuple[int, int]:
         h, w = x.shape[-2], x.shape[-1]
@@ -288,27 +268,23 @@ class CLoRARuntime(MultiLoraRuntime):
             h, w = (h + 1) // 2, (w + 1) // 2
         return h, w
 
-    def _branch_forward(self, executor, x, timesteps, context, y, control, to, kwargs, chunks, b, step):
+    def _branch_forward(self, executor, call: ModelCall, chunks, b, step):
         copies = len(self.branches.contexts)
-        rows = x.shape[0]
-        ctx, length = self._contexts(context, chunks, b, copies)
-        rep = lambda v: repeat_rows(v, rows, copies)  # noqa: E731
-        to2 = dict(to)
-        to2["cond_or_uncond"] = chunks * copies
-        to2["uuids"] = list(to.get("uuids", [])) * copies
+        rows = call.rows
+        branches = call.copies(copies, context=self._contexts(call.context, chunks, b, copies))
         self.trace.call_rows.append(rows * copies)
-        self.maps, self.routing = [], self._branch_routing(rows, copies)
+        self.maps = []
         try:
-            out = executor(rep(x), rep(timesteps), ctx, rep(y), rep(control), to2,
-                           **{k: rep(v) for k, v in kwargs.items()})
+            with self.routed.routed(self._branch_routing(rows, copies)):
+                out = branches.run(executor)
             maps = self.maps
         finally:
-            self.maps, self.routing = None, None
-        out = self._finite(out, list(range(copies)), step, self.branch_labels)
-        size = self._attention_size(x)
+            self.maps = None
+        out = check_finite(out, self.node, self.branch_labels, where=f" at step {step}")
+        size = self._attention_size(call.x)
         subject = torch.stack([concept_masks(m, self.settings.mask_threshold)
-                               for m in self._concept_maps(maps, rows, copies, b, chunks, length, size)])
-        masks = branch_masks(subject, tuple(x.shape[-2:])).to(out)
+                               for m in self.subject_maps(maps, rows, b, chunks, size)])
+        masks = branch_masks(subject, tuple(call.x.shape[-2:])).to(out)
         outputs = out.reshape(copies, rows, *out.shape[1:])
         fused = torch.cat([fuse(outputs[:, j * b:(j + 1) * b], masks) for j in range(len(chunks))])
         subject_masks = masks[1:, :, 0].detach()
@@ -316,12 +292,12 @@ class CLoRARuntime(MultiLoraRuntime):
 
     def _check_exact(self) -> None:
         if self._sampler_name and self._sampler_name not in EXACT_SAMPLERS:
-            raise CMLoRAError(NODE, "step_size",
+            raise CMLoRAError(self.node, "step_size",
                               f"contrastive latent updates are exact only with the euler and ddim samplers; this run "
                               f"uses {self._sampler_name.replace('sample_', '')}.",
                               "sample with euler or ddim, or set step_size to 0 to use the masks without updates.")
-        if not host.is_eps_model(self._base_model):
-            raise CMLoRAError(NODE, "step_size", "latent updates need an epsilon-prediction model.",
+        if not host.is_eps_model(self.base_model):
+            raise CMLoRAError(self.node, "step_size", "latent updates need an epsilon-prediction model.",
                               "set step_size to 0 for this model.")
 
     def _plain_params(self, unet) -> dict:
@@ -330,21 +306,23 @@ class CLoRARuntime(MultiLoraRuntime):
             self._grad_params = {n: p.detach().clone() for n, p in unet.named_parameters() if p.is_inference()}
         return self._grad_params
 
-    def _update(self, unet, x, sigma, timesteps, y, to, step, iterations):
-        """``iterations`` gradient steps on the latent x (b, C, H, W); returns the new latent."""
+    def update_latent(self, unet, x, sigma: float, timesteps, y, options: dict, step: int, iterations: int):
+        """``iterations`` contrastive gradient steps on the latent x (b, C, H, W) at ``sigma``; the new latent.
+
+        Each step runs a loss pass (every branch with its LoRAs, stopped after the last attention
+        layer the loss reads) and moves x against the gradient of the NT-Xent loss of the maps.
+        """
         copies = len(self.branches.contexts)
         b = x.shape[0]
         losses = self.clora_trace.losses.setdefault(step, [])
         scale = x_space_step(self.settings.step_size, sigma)
-        model_sampling = self._base_model.model_sampling
-        lengths = [c.shape[1] for c in self.branches.contexts]
-        length = math.lcm(*lengths)
-        to_loss = {k: v for k, v in to.items() if k not in ("wrappers", "callbacks")}
+        model_sampling = self.base_model.model_sampling
+        length = math.lcm(*self.widths)
+        to_loss = {k: v for k, v in options.items() if k not in ("wrappers", "callbacks")}
         to_loss["cond_or_uncond"] = [0] * copies
-        size = self._attention_size(x)
         with torch.inference_mode(False), torch.enable_grad():
             # everything autograd touches is made here, outside the executor's inference mode
-            ctx = torch.cat([_fit_tokens(c, length).to(x.device) for c in self.branches.contexts]).repeat_interleave(b, 0)
+            ctx = torch.cat([fit_tokens(c, length).to(x.device) for c in self.branches.contexts]).repeat_interleave(b, 0)
             params = self._plain_params(unet)
             x = x.detach().clone()
             for _ in range(iterations):
@@ -355,36 +333,22 @@ class CLoRARuntime(MultiLoraRuntime):
                 t = timesteps.detach().clone().repeat(copies)
                 yy = None if y is None else y[:b].detach().clone().repeat(copies, 1)
                 self.maps, self.loss_pass = [], True
-                self.routing = self._branch_routing(b, copies)
                 try:
                     kwargs = {"context": ctx.to(xin.dtype), "transformer_options": dict(to_loss)}
                     if yy is not None:
                         kwargs["y"] = yy.to(xin.dtype)
-                    torch.func.functional_call(unet, params, (xin.repeat(copies, 1, 1, 1), t), kwargs, strict=False)
+                    with self.routed.routed(self._branch_routing(b, copies)):
+                        torch.func.functional_call(unet, params, (xin.repeat(copies, 1, 1, 1), t), kwargs, strict=False)
                 except _StopLoss:
                     pass
                 finally:
-                    maps, self.maps, self.loss_pass, self.routing = self.maps, None, False, None
-                loss = self._loss(maps, b, copies, length, size)
+                    maps, self.maps, self.loss_pass = self.maps, None, False
+                loss = contrastive_loss(torch.stack(maps).mean(0), self.branches.concept_tokens, self.widths, b,
+                                        self.settings.temperature)
                 grad = torch.autograd.grad(loss, xg)[0]
                 losses.append(_value(loss))
                 x = (x - scale * grad).detach()
         return x.detach()
-
-    def _loss(self, maps, b, copies, length, size) -> torch.Tensor:
-        """NT-Xent over every (branch, concept token) map; one term per latent batch element."""
-        avg = torch.stack(maps).mean(0)  # (copies*b, h*w, L)
-        total = 0.0
-        for e in range(b):
-            items, concept = [], []
-            for p in range(copies):
-                width = self.branches.contexts[p].shape[1]
-                for c, positions in self.branches.concept_tokens[p].items():
-                    for t in positions:
-                        items.append(sum(avg[p * b + e, :, r] for r in range(t, length, width)))
-                        concept.append(c)
-            total = total + nt_xent(torch.stack(items), concept, self.settings.temperature)
-        return total / b
 
 
 def attach_clora(model, loras, branches: Branches, settings: CLoRASettings):

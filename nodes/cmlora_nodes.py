@@ -6,7 +6,8 @@ import logging
 import os
 import re
 
-from ..cmlora_core.cmlora import CACHES, MODES, REFRESH, W_DOM, Planner, Schedule, ScheduleSettings, sets_from_categories
+from ..cmlora_core.cmlora import (CACHES, MODES, REFRESH, W_DOM, Planner, Schedule, ScheduleMismatch, ScheduleSettings,
+                                  check_schedule, sets_from_categories)
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import require_model_entries
 from . import host
@@ -134,10 +135,11 @@ class SchedulerNode(io.ComfyNode):
         else:
             raise CMLoRAError(node, "profile", "neither a profile nor a stack is connected.",
                               "connect the LoRA Profiler's profile, or the LoRA stack to schedule by categories.")
+        try:
+            check_schedule(schedule, schedule.names)
+        except ScheduleMismatch as e:
+            raise CMLoRAError(node, e.input, e.problem, e.fix) from None
         n = len(schedule.names)
-        if n < 2:
-            raise CMLoRAError(node, "stack", "CMLoRA composes at least 2 LoRAs; there is 1.",
-                              "add LoRAs, or use method 'merge' for a single LoRA.")
         steps = max(preview_steps, n)
         planner = Planner(schedule, steps)
         plans = [planner.plan(i) for i in range(steps)]

@@ -16,6 +16,7 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.patcher_extension
 import comfy.sample
 import comfy.sd
@@ -23,6 +24,7 @@ import comfy.samplers
 import comfy.utils
 import comfy.float
 import comfy.weight_adapter
+from comfy.ldm.modules import attention as _attention
 from comfy.ldm.modules.diffusionmodules import openaimodel
 import folder_paths
 import latent_preview
@@ -228,12 +230,53 @@ def lora_factors(patch) -> LoraFactors | None:
     return LoraFactors(up, down, alpha, mid, dora, reshape)
 
 
-def fold_patch(base_model, key: str, patch, strength: float):
+class FoldBuffers:
+    """One float32 buffer per weight key, reused by every fold of the key until ``clear()`` (on the
+    CPU a fresh weight-sized tensor costs more than the fold's arithmetic: its pages are faulted in)."""
+
+    def __init__(self):
+        self._by_key: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        buf = self._by_key.get(key)
+        if buf is None or buf.shape != like.shape or buf.device != like.device:
+            buf = self._by_key[key] = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+        return buf
+
+    def retain(self, keys) -> None:
+        """Free the other keys' buffers (peak memory stays that of one folded LoRA)."""
+        keys = set(keys)
+        for key in [k for k in self._by_key if k not in keys]:
+            del self._by_key[key]
+
+    def clear(self) -> None:
+        self._by_key.clear()
+
+
+def fold_patch(base_model, key: str, patch, strength: float, buffers: FoldBuffers | None = None):
     """Write ``weight + strength * patch`` into a plain float parameter, as the host's patcher does
     (float32 sum, stochastic rounding to the weight's dtype); return the original parameter object,
-    which ``set_attr(base_model, key, original)`` puts back."""
+    which ``set_attr(base_model, key, original)`` puts back.
+
+    With ``buffers`` the sum is made in the key's reused buffer: a plain LoRA by the adapter's own
+    operations (product, scale, add; bit-identical) without temporaries, others by ``calculate_weight``."""
     weight = get_key_weight(base_model, key)[0]
-    merged = calculate_weight([(strength, patch, 1.0, None, None)], weight.detach().to(torch.float32, copy=True), key)
+    if buffers is None:
+        work = weight.detach().to(torch.float32, copy=True)
+        merged = calculate_weight([(strength, patch, 1.0, None, None)], work, key)
+    else:
+        work = buffers.get(key, weight)
+        factors = lora_factors(patch)
+        if factors is not None and factors.plain and factors.up.shape[0] * factors.down[0].numel() == work.numel():
+            up = factors.up.to(work.device, torch.float32).flatten(start_dim=1)
+            down = factors.down.to(work.device, torch.float32).flatten(start_dim=1)
+            alpha = factors.alpha / down.shape[0] if factors.alpha is not None else 1.0
+            torch.mm(up, down, out=work.view(up.shape[0], down.shape[1]))  # the adapter's lora_diff
+            work.mul_(strength * alpha).add_(weight.detach())  # = weight + (strength * alpha) * lora_diff
+            merged = work
+        else:
+            work.copy_(weight.detach())
+            merged = calculate_weight([(strength, patch, 1.0, None, None)], work, key)
     set_attr_param(base_model, key, stochastic_rounding(merged, weight.dtype, seed=string_to_seed(key)))
     return weight
 
@@ -311,3 +354,23 @@ def model_family(model_patcher) -> str:
     """A short name of the base model (for messages), e.g. 'SD15', 'SDXL'."""
     config = getattr(model_patcher.model, "model_config", None)
     return type(config).__name__ if config is not None else type(model_patcher.model).__name__
+
+
+def meta_diffusion_model(base_model):
+    """The model's diffusion network rebuilt on the meta device by its own class from its own
+    config: every shape, no weights, nothing computed (for counting FLOPs without running it)."""
+    config = base_model.model_config.unet_config
+    return type(base_model.diffusion_model)(**config, device="meta", operations=comfy.ops.disable_weight_init)
+
+
+@contextlib.contextmanager
+def meta_attention():
+    """PyTorch's attention while counting on the meta device: the host's CPU default asks the
+    device for free memory, which meta cannot answer. Every implementation does the same two
+    matrix products, so a count does not depend on the choice."""
+    saved = _attention.optimized_attention
+    _attention.optimized_attention = _attention.attention_pytorch
+    try:
+        yield
+    finally:
+        _attention.optimized_attention = saved

@@ -25,15 +25,15 @@ class UNetSplit:
         return transformer_options.get("block") == ("output", self.out_start)
 
 
-def find_split(unet) -> UNetSplit:
+def find_split(unet, node: str = "CMLoRA Apply") -> UNetSplit:
     if not isinstance(unet, host.UNetModel):
-        raise CMLoRAError("CMLoRA Apply", "model",
+        raise CMLoRAError(node, "model",
                           f"the deep-feature cache needs a UNet; this model is a {type(unet).__name__}.",
                           "use cache 'none' or 'prediction' in the Frequency Scheduler.")
     for i, block in enumerate(unet.input_blocks):
         if any(isinstance(m, host.Downsample) for m in block):
             return UNetSplit(i, len(unet.output_blocks) - i)
-    raise CMLoRAError("CMLoRA Apply", "model", "this UNet never downsamples; there is no deep part to cache.",
+    raise CMLoRAError(node, "model", "this UNet never downsamples; there is no deep part to cache.",
                       "use cache 'none' or 'prediction' in the Frequency Scheduler.")
 
 
@@ -84,33 +84,42 @@ def shallow_forward(unet, split: UNetSplit, x, timesteps, context, y, deep, tran
     return unet.out(h.type(x.dtype))
 
 
-_FRACTIONS: dict = {}  # (architecture, split, input shapes) -> fraction: counted once per process
+FLOP_FRACTIONS: dict = {}  # (architecture, split, input shapes) -> fraction
 
 
-def shallow_fraction(unet, split: UNetSplit, x, timesteps, context, y) -> float:
-    """FLOPs of a shallow pass over FLOPs of a full pass, counted on these inputs (one row).
+def shallow_fraction(base_model, split: UNetSplit, x, context, y) -> float:
+    """FLOPs of a shallow pass over FLOPs of a full pass for inputs shaped like these.
 
-    The count depends only on the architecture and the shapes, so it is made once per
-    process for each (later runs pay nothing for it).
+    Counted on the meta device, on the model's architecture rebuilt without weights: no
+    pass of the real model runs for it, and the count is what the benchmark's counter gives
+    (the same counter). Made once per process for each architecture and input shape.
     """
-    key = (tuple((n, tuple(p.shape)) for n, p in unet.named_parameters()), split, x.device.type,
-           tuple(x.shape[1:]), tuple(context.shape[1:]), None if y is None else tuple(y.shape[1:]))
-    if key not in _FRACTIONS:
-        _FRACTIONS[key] = _count_fraction(unet, split, x, timesteps, context, y)
-    return _FRACTIONS[key]
+    config = base_model.model_config.unet_config
+    key = (type(base_model.diffusion_model).__name__, repr(sorted(config.items(), key=lambda kv: kv[0])), split,
+           tuple(x.shape[1:]), None if context is None else tuple(context.shape[1:]),
+           None if y is None else tuple(y.shape[1:]))
+    if key not in FLOP_FRACTIONS:
+        FLOP_FRACTIONS[key] = count_fraction(host.meta_diffusion_model(base_model), split, x.shape, context.shape,
+                                         None if y is None else y.shape)
+    return FLOP_FRACTIONS[key]
 
 
-def _count_fraction(unet, split: UNetSplit, x, timesteps, context, y) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
+def count_fraction(unet, split: UNetSplit, x_shape, context_shape, y_shape=None) -> float:
+    """Shallow over full FLOPs of ``unet`` (on the meta device) for one row of these shapes."""
+    from ..cmlora_core.flops import FlopCounter
 
+    dtype = next(unet.parameters()).dtype
+
+    def empty(shape):
+        return torch.empty(1, *shape[1:], device="meta", dtype=dtype)
+
+    x, t, context = empty(x_shape), torch.empty(1, device="meta"), empty(context_shape)
+    y = None if y_shape is None else empty(y_shape)
     sink: list = []
-    to = {"patches": {"output_block_patch": [capture_patch(split, sink)]}}
-    kwargs = {} if y is None else {"y": y[:1]}
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as full:
-            unet(x[:1], timesteps[:1], context=context[:1], transformer_options=to, **kwargs)
-        with FlopCounterMode(display=False) as shallow:
-            shallow_forward(unet, split, x[:1], timesteps[:1], context[:1], None if y is None else y[:1],
-                            sink[0], {})
-    total = full.get_total_flops()
-    return shallow.get_total_flops() / total if total else 1.0
+    options = {"patches": {"output_block_patch": [capture_patch(split, sink)]}}
+    with torch.inference_mode(), host.meta_attention():
+        with FlopCounter() as full:
+            unet(x, t, context=context, y=y, transformer_options=options)
+        with FlopCounter() as shallow:
+            shallow_forward(unet, split, x, t, context, y, sink[0], {})
+    return shallow.total / full.total if full.total else 1.0

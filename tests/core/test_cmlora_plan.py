@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cmlora_core.cmlora import (FULL, REUSE, SHALLOW, Planner, Schedule, ScheduleSettings, dominant_weight,
-                                refresh_steps, sets_from_categories, split_sets, step_weights, validate_run)
+                                refresh_steps, sets_from_categories, split_sets, step_weights, check_schedule)
 from cmlora_core.spectrum import high_frequency_score, image_score, radial_profile
 
 
@@ -97,13 +97,16 @@ def test_plan_is_stable_for_repeated_and_skipped_lookups():
     assert p.plan(5) is late and p.plan(3).step == 3
 
 
-def test_validate_run():
+def test_check_schedule():
     s = Schedule(ScheduleSettings(), (0,), (), ("a",))
     with pytest.raises(ValueError, match="at least 2"):
-        validate_run(s, 10)
+        check_schedule(s, ("a",), 10)
     s = Schedule(ScheduleSettings(), (0, 1), (2,), ("a", "b", "c"))
     with pytest.raises(ValueError, match="at least 3 steps"):
-        validate_run(s, 2)
+        check_schedule(s, ("a", "b", "c"), 2)
+    with pytest.raises(ValueError, match="made for the LoRAs"):
+        check_schedule(s, ("a", "c", "b"))
+    check_schedule(s, ("a", "b", "c"), 3)
 
 
 def test_spectrum_orders_edges_above_flat_colour():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cmlora_core.errors import CMLoRAError
 from cmlora_core.lora_file import FileCache, classify, guess_base, trigger_from_metadata
 from cmlora_core.routing import DenseDelta, LowRankDelta, RoutedLayer, Routing, combine_copies, repeat_rows
-from cmlora_core.schedule import composite_weights, step_index, switch_active
+from cmlora_core.steps import composite_weights, step_index, switch_active
 from cmlora_core.stack import LoraEntry, LoraStack, require_model_entries
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.counter import FlopCounter, attention_flops, linear_flops
+from cmlora_core.flops import FlopCounter, attention_flops, linear_flops
 from cmlora_core.routing import LowRankDelta, RoutedLayer, Routing
 
 

@@ -9,6 +9,7 @@ from _util import ksample, stack
 
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.clora_nodes import AttentionMasker, MaskOutput
+from comfyui_cmlora.nodes.runtime import runtime_of
 
 CAT, DOG, STYLE = "test_kohya.safetensors", "test_peft.safetensors", "test_locon.safetensors"
 PROMPT = "a photo of a cat and a dog in a garden"
@@ -39,7 +40,7 @@ def test_smoke_masks_and_loss(sd15):
     model, positive = masker(sd15)
     out = ksample(model, (positive, negative(sd15)), steps=4, sampler="euler")
     assert torch.isfinite(out).all()
-    run = model.get_attachment("cmlora").last_clora
+    run = runtime_of(model).last_clora
     assert sorted(run.masks) == [0, 1, 2, 3]
     assert run.masks[3].shape == (2, 1, 8, 8)
     # T = 4: the extra iterations at 0% and 10% of the steps both land on step 0, 20% on step 1
@@ -51,7 +52,7 @@ def test_smoke_masks_and_loss(sd15):
 def test_update_lowers_the_loss_on_the_model(sd15):
     model, positive = masker(sd15, step_size=0.02, extra_iterations=3)
     ksample(model, (positive, negative(sd15)), steps=4, sampler="euler")
-    losses = model.get_attachment("cmlora").last_clora.losses[0]
+    losses = runtime_of(model).last_clora.losses[0]
     assert losses[1] < losses[0]
 
 
@@ -75,7 +76,7 @@ def test_updates_separate_the_concepts_masks(sd15):
         model, positive = masker(sd15, step_size=size, extra_iterations=5, mask_threshold=0.8)
         comfy.sample.sample(model, noise, 6, 5.0, "euler", "normal", positive, negative(sd15), lat, seed=7,
                             disable_pbar=True)
-        run = model.get_attachment("cmlora").last_clora
+        run = runtime_of(model).last_clora
         overlaps[size] = _overlap(run)
     # on this random-weight model the effect is small (about 4% IoU) but deterministic
     assert overlaps[20.0] < overlaps[0.0], overlaps
@@ -89,14 +90,14 @@ def _reference_euler(runtime_ref, plan):
         extra_args = extra_args or {}
         s_in = x.new_ones([x.shape[0]])
         opts = extra_args["model_options"]["transformer_options"]
-        unet = runtime_ref._base_model.diffusion_model
+        unet = runtime_ref.base_model.diffusion_model
         for i in range(len(sigmas) - 1):
             sigma = float(sigmas[i])
             if i in plan:
-                t = runtime_ref._base_model.model_sampling.timestep(sigmas[i] * s_in).float()
+                t = runtime_ref.base_model.model_sampling.timestep(sigmas[i] * s_in).float()
                 runtime_ref.settings.step_size = 20.0
                 try:
-                    x = runtime_ref._update(unet, x, sigma, t, None, opts, i, plan[i]).to(x.dtype)
+                    x = runtime_ref.update_latent(unet, x, sigma, t, None, opts, i, plan[i]).to(x.dtype)
                 finally:
                     runtime_ref.settings.step_size = 0.0
             denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -117,7 +118,7 @@ def test_latent_update_changes_the_trajectory_exactly(sd15, sampler):
     model, positive = masker(sd15, extra_iterations=1)
     ours = ksample(model, (positive, neg), steps=steps, sampler=sampler, seed=5)
     ref_model, _ = masker(sd15, extra_iterations=1, step_size=0.0)
-    runtime_ref = ref_model.get_attachment("cmlora")
+    runtime_ref = runtime_of(ref_model)
     plan = update_plan(steps, 0.5, 1)
     guider = cs.CFGGuider.execute(ref_model, positive, neg, 5.0).args[0]
     sigmas = cs.BasicScheduler.execute(ref_model, "normal", steps, 1.0).args[0]
@@ -149,14 +150,14 @@ def test_non_square_and_batch_two(sd15):
     out = comfy.sample.sample(model, noise, 3, 5.0, "euler", "normal", positive, negative(sd15), lat, seed=3,
                               disable_pbar=True)
     assert out.shape == (2, 4, 8, 16) and torch.isfinite(out).all()
-    run = model.get_attachment("cmlora").last_clora
+    run = runtime_of(model).last_clora
     assert run.masks[2].shape == (2, 2, 8, 16)
 
 
 def test_masks_keep_rows_and_columns_on_non_square_maps(sd15):
     """A token attending only to the top-right attention cell gives a top-right mask."""
     model, _ = masker(sd15)
-    runtime = model.get_attachment("cmlora")
+    runtime = runtime_of(model)
     h, w = 2, 4
     copies, rows, b = 3, 2, 1
     length = 77
@@ -165,7 +166,7 @@ def test_masks_keep_rows_and_columns_on_non_square_maps(sd15):
         for t in runtime.branches.concept_tokens[p][p - 1]:
             maps[p * rows, :, t] = 0.0
             maps[p * rows, w - 1, t] = 1.0  # row 0, last column
-    per_subject = runtime._concept_maps([maps], rows, copies, b, [0, 1], length, (h, w))
+    per_subject = runtime.subject_maps([maps], rows, b, [0, 1], (h, w))
     a = per_subject[0][0][0]
     assert a.shape == (h, w) and float(a[0, w - 1]) == 1.0 and float(a[1, 0]) == 0.0
 
@@ -194,4 +195,4 @@ def test_updates_work_inside_the_executors_inference_mode(sd15):
         model, positive = masker(sd15, extra_iterations=1)
         out = ksample(model, (positive, negative(sd15)), steps=2, sampler="euler")
     assert torch.isfinite(out).all()
-    assert model.get_attachment("cmlora").last_clora.losses[0]
+    assert runtime_of(model).last_clora.losses[0]

@@ -15,6 +15,7 @@ from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.apply_nodes import ApplyNode, SamplerNode
 from comfyui_cmlora.nodes.cmlora_nodes import LoadProfile, ProfilerNode, SaveProfile, SchedulerNode
 from comfyui_cmlora.nodes.unet_split import capture_patch, find_split, shallow_forward
+from comfyui_cmlora.nodes.runtime import runtime_of
 
 A, B, C = "test_kohya.safetensors", "test_locon.safetensors", "test_peft.safetensors"
 CATS = {A: "character", B: "background", C: "style"}
@@ -72,7 +73,7 @@ def test_without_caching_cmlora_is_the_weighted_composite(sd15, conds, settings)
     outer = Recorder()
     patched = cmlora(outer.attach(model), st, sched)
     ksample(patched, conds, steps=4)
-    trace = patched.get_attachment("cmlora").last_trace
+    trace = runtime_of(patched).last_trace
     assert trace.shallow_passes == 0 and trace.full_passes == 3 * trace.model_calls
     refs = [lora_loader(model, (n, s)) for n, s in zip(names, strengths)]
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 4).tolist()
@@ -93,7 +94,7 @@ def test_pass_counts_and_flop_ratio_match_the_schedule(sd15, conds):
     patched = cmlora(model, st, sched)
     steps = 6
     ksample(patched, conds, steps=steps)
-    runtime = patched.get_attachment("cmlora")
+    runtime = runtime_of(patched)
     trace = runtime.last_trace
     planner = Planner(sched, steps)
     plans = [planner.plan(i) for i in range(steps)]
@@ -105,11 +106,57 @@ def test_pass_counts_and_flop_ratio_match_the_schedule(sd15, conds):
     f = trace.shallow_fraction
     assert 0.0 < f < 1.0
     assert runtime.flop_ratio(trace) == pytest.approx((trace.full_passes + f * trace.shallow_passes) / trace.model_calls)
-    report = runtime.describe_trace(trace)
+    report = runtime.report(trace)
     assert f"{trace.full_passes} full, {trace.shallow_passes} shallow" in report and "x the UNet FLOPs of merge" in report
     assert f"{runtime.flop_ratio(trace):.3f}x" in report
     # with dominant_full: N full passes at step 0, then one full pass per step
     assert trace.full_passes == calls_per_step * (3 + (steps - 1))
+
+
+def test_first_run_runs_only_its_scheduled_passes_and_reports_the_benchmarks_flop_ratio(sd15, conds):
+    """No pass of the real model beyond the schedule's, even on the first run of a process; the report's
+    FLOP ratio is the benchmark's, counted on the same architecture."""
+    from benchmarks.flops import MetaBench
+    from comfyui_cmlora.nodes import unet_split
+
+    unet_split.FLOP_FRACTIONS.clear()  # nothing counted yet, as in a fresh process
+    model = sd15[0]
+    unet = model.model.diffusion_model
+    rows = {"outer": 0, "deep": 0}  # rows through the first input block (every pass), the deepest (full only)
+
+    def counter(part):
+        def hook(module, args, output):
+            rows[part] += args[0].shape[0]
+        return hook
+
+    hooks = [unet.input_blocks[0][0].register_forward_hook(counter("outer")),
+             unet.input_blocks[-1][0].register_forward_hook(counter("deep"))]
+    st = cat_stack(A, B, C)
+    sched = schedule(st, dominant_full=True)[0]
+    patched = cmlora(model, st, sched)
+    steps = 6
+    try:
+        ksample(patched, conds, steps=steps)
+    finally:
+        for h in hooks:
+            h.remove()
+    runtime = runtime_of(patched)
+    trace = runtime.last_trace
+    planner = Planner(sched, steps)
+    plans = [planner.plan(i) for i in range(steps)]
+    calls_per_step = trace.model_calls // steps
+    full = calls_per_step * sum(p.passes.count(FULL) for p in plans)
+    shallow = calls_per_step * sum(p.passes.count(SHALLOW) for p in plans)
+    per_call = 2  # cond and uncond in one call
+    assert (trace.full_passes, trace.shallow_passes) == (full, shallow)
+    assert rows == {"outer": (full + shallow) * per_call, "deep": full * per_call}
+
+    costs = MetaBench("fixture", steps).pass_costs()
+    f = costs["shallow_unet"] / costs["full_unet"]
+    assert trace.shallow_fraction == f
+    ratio = (full * costs["full_unet"] + shallow * costs["shallow_unet"]) / (trace.model_calls * costs["full_unet"])
+    assert runtime.flop_ratio(trace) == pytest.approx(ratio, rel=1e-12)
+    assert f"this run took {ratio:.3f}x the UNet FLOPs of merge" in runtime.report(trace)
 
 
 def test_cmlora_run_leaves_base_model_bit_identical(sd15, conds):
@@ -223,7 +270,7 @@ def test_online_switch_point_follows_threshold_in_a_real_run(sd15, conds):
     for threshold in (0.0, 1.0):
         patched = cmlora(model, st, schedule(st, mode="online", online_threshold=threshold)[0])
         ksample(patched, conds, steps=4)
-        trace = patched.get_attachment("cmlora").last_trace
+        trace = runtime_of(patched).last_trace
         switched[threshold] = trace.switched_at
         phases = [trace.plans[i].phase for i in range(4)]
         if trace.switched_at is not None:
@@ -238,7 +285,7 @@ def test_prediction_cache_reuses_whole_predictions(sd15, conds):
     sched = schedule(st, cache="prediction", dominant_full=True)[0]
     patched = cmlora(model, st, sched)
     out = ksample(patched, conds, steps=4)
-    trace = patched.get_attachment("cmlora").last_trace
+    trace = runtime_of(patched).last_trace
     plans = [Planner(sched, 4).plan(i) for i in range(4)]
     assert trace.shallow_passes == 0
     assert trace.reused == sum(p.passes.count("reuse") for p in plans) > 0

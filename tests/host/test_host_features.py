@@ -13,7 +13,7 @@ import comfy.utils
 from _util import Recorder, apply, ksample, lora_loader, stack
 
 from comfyui_cmlora.nodes import host
-from comfyui_cmlora.nodes.runtime import KEY
+from comfyui_cmlora.nodes.runtime import runtime_of
 
 A, B, C = "test_kohya.safetensors", "test_locon.safetensors", "test_peft.safetensors"
 
@@ -29,7 +29,7 @@ def test_clones_of_a_patched_model_run_independently(sd15, conds, method):
     model = sd15[0]
     patched = apply(model, stack((A, 0.9), (B, 0.7)), method, interval=1)
     first, second = patched.clone(), patched.clone()
-    runtimes = [m.get_attachment(KEY) for m in (patched, first, second)]
+    runtimes = [runtime_of(m) for m in (patched, first, second)]
     assert len({id(r) for r in runtimes}) == 3
     expected = ksample(patched, conds, steps=3)
     for clone in (first, second):
@@ -54,7 +54,7 @@ def test_clone_chained_through_a_host_model_node(sd15, conds):
     node = ModelSamplingDiscrete
     out = node().patch(patched, "eps", False) if hasattr(node, "patch") else node.execute(patched, "eps", False)
     downstream = out[0] if isinstance(out, tuple) else out.args[0]
-    assert downstream.get_attachment(KEY) is not patched.get_attachment(KEY)
+    assert runtime_of(downstream) is not runtime_of(patched)
     assert torch.allclose(ksample(downstream, conds, steps=2), ksample(patched, conds, steps=2), atol=1e-6)
 
 
@@ -93,7 +93,7 @@ def test_switch_on_quantized_weights_routes_and_matches_lora_loader(fp8_model, c
     rec = Recorder()
     patched = apply(rec.attach(model), stack((A, 1.0), (C, 1.0)), "switch", interval=1)
     out = ksample(patched, conds, steps=2)
-    trace = patched.get_attachment(KEY).last_trace
+    trace = runtime_of(patched).last_trace
     assert trace.routed and trace.folds == 0 and [trace.active[s] for s in (0, 1)] == [0, 1]
     assert torch.isfinite(out).all()
     after = _state(model)

@@ -14,6 +14,7 @@ from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.apply_nodes import ApplyNode, SamplerNode
 from comfyui_cmlora.nodes.loras import map_model_lora
 from comfyui_cmlora.nodes.stack_nodes import ApplyClip, StackFromLoraStack
+from comfyui_cmlora.nodes.runtime import runtime_of
 
 FORMATS = {"kohya": "kohya", "locon": "locon", "peft": "peft", "loha": "loha", "lokr": "lokr"}
 
@@ -72,7 +73,7 @@ def test_sdxl_architecture_switch_and_composite(sdxl, models_dir):
     switched = apply(model, st, "switch", interval=1)
     out = ksample(switched, (pos, neg), steps=2)
     assert torch.isfinite(out).all()
-    assert [switched.get_attachment("cmlora").last_trace.active[i] for i in range(2)] == [0, 1]
+    assert [runtime_of(switched).last_trace.active[i] for i in range(2)] == [0, 1]
 
 
 def test_strength_zero_and_disabled_entries_are_left_out(sd15, conds):
@@ -80,7 +81,7 @@ def test_strength_zero_and_disabled_entries_are_left_out(sd15, conds):
     st = stack(("test_kohya.safetensors", 1.0), ("test_locon.safetensors", 0.0),
                {"lora_name": "test_peft.safetensors", "enabled": False})
     patched = apply(model, st, "composite")
-    assert len(patched.get_attachment("cmlora").loras) == 1
+    assert len(runtime_of(patched).loras) == 1
     ref = ksample(lora_loader(model, ("test_kohya.safetensors", 1.0)), conds, steps=2)
     assert torch.allclose(ksample(patched, conds, steps=2), ref, atol=1e-4)
 

@@ -10,7 +10,8 @@ import nodes as host_nodes
 
 from _util import Recorder, apply, diffusion_out, ksample, lora_loader, stack
 
-from comfyui_cmlora.cmlora_core.schedule import switch_active
+from comfyui_cmlora.cmlora_core.steps import switch_active
+from comfyui_cmlora.nodes.runtime import runtime_of
 
 A, B, C = "test_kohya.safetensors", "test_locon.safetensors", "test_peft.safetensors"
 
@@ -51,7 +52,7 @@ def test_switch_follows_rule_at_every_step(sd15, conds):
     rec = Recorder()
     patched = rec.attach(patched)  # a clone: it has a runtime of its own, which records this run
     ksample(patched, conds, steps=steps)
-    runtime = patched.get_attachment("cmlora")
+    runtime = runtime_of(patched)
     trace = runtime.last_trace
     assert [trace.active[i] for i in range(steps)] == [switch_active(i, interval, 3) for i in range(steps)] \
         == [0, 0, 1, 1, 2, 2, 0]
@@ -71,7 +72,7 @@ def test_switch_under_ksampler_advanced_start_step(sd15, conds):
     lat = {"samples": torch.zeros(1, 4, 8, 8)}
     host_nodes.KSamplerAdvanced().sample(patched, "enable", 3, 6, 5.0, "euler", "normal", pos, neg, lat,
                                          start_at_step=2, end_at_step=5, return_with_leftover_noise="disable")
-    trace = patched.get_attachment("cmlora").last_trace
+    trace = runtime_of(patched).last_trace
     assert trace.steps == 3 and [trace.active[i] for i in range(3)] == [0, 1, 0]
     full = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 6)
     sliced = full[2:6].tolist()
@@ -86,7 +87,7 @@ def test_switch_multi_evaluation_sampler(sd15, conds):
     rec = Recorder()
     patched = rec.attach(patched)  # a clone: it has a runtime of its own, which records this run
     ksample(patched, conds, steps=steps, sampler="heun")
-    trace = patched.get_attachment("cmlora").last_trace
+    trace = runtime_of(patched).last_trace
     assert trace.model_calls > steps  # really several evaluations per step
     assert [trace.active[i] for i in range(steps)] == [0, 1, 0]
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps).tolist()
@@ -139,7 +140,7 @@ def test_interrupted_run_leaves_model_as_it_was(sd15, conds, method):
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         ksample(patched, conds, steps=4, callback=interrupt)
     comfy.model_management.interrupt_current_processing(False)
-    assert patched.get_attachment("cmlora").last_trace.status.startswith("stopped")
+    assert runtime_of(patched).last_trace.status.startswith("stopped")
     assert torch.equal(before, ksample(model, conds, steps=3))
     # and the patched model runs again normally afterwards
     again = ksample(patched, conds, steps=3)
@@ -160,4 +161,4 @@ def test_sampler_custom_advanced_runs_the_same_composite(sd15, conds):
     out = cs.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, {"samples": torch.zeros(1, 4, 8, 8)}).args[0]
     ref = ksample(patched, conds, steps=3, seed=1)
     assert torch.allclose(out["samples"], ref, atol=1e-5)
-    assert patched.get_attachment("cmlora").last_trace.status == "finished"
+    assert runtime_of(patched).last_trace.status == "finished"

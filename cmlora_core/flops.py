@@ -1,4 +1,5 @@
-"""Exact FLOP counting of PyTorch code, fast enough for whole sampling runs on the meta device.
+"""Exact FLOP counting of PyTorch code, fast enough for whole sampling runs on the meta device
+(used by the CMLoRA runtime for its report and by the benchmark for its tables).
 
 Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts — one multiply-add is two
 FLOPs; matrix products, convolutions and attention are counted, element-wise work is not —

@@ -1,0 +1,175 @@
+"""CMLoRA while the host samples: the dominant-weighted composite with cached deep features.
+
+Every model call follows the step's plan (``cmlora_core.cmlora.Planner``): the LoRAs that
+need a full pass run together in one forward over copies of the rows (their deep features
+kept with cache "deep", their predictions with cache "prediction"); the others run a
+shallow pass around their cached deep feature, or reuse their last prediction; the outputs
+are mixed with the step's weights. Online mode watches the denoised image after each step
+(a post-CFG function) and moves to the low-frequency LoRAs when its high frequencies fade.
+
+The report gives the run's UNet FLOPs over merge's, from the pass counts and the cost of a
+shallow pass relative to a full one, counted once on the meta device (no extra pass of the
+real model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cmlora_core.cmlora import REUSE, SHALLOW, Planner, Schedule, ScheduleMismatch, check_schedule
+from ..cmlora_core.errors import CMLoRAError
+from ..cmlora_core.spectrum import batch_score
+from ..cmlora_core.steps import step_index
+from .loras import MappedLora
+from .routed import ModelCall
+from .runtime import RunTrace, Runtime, PatcherEntry
+from .unet_split import capture_patch, find_split, shallow_forward, shallow_fraction
+
+
+@dataclass
+class CMLoRATrace(RunTrace):
+    full_passes: int = 0  # LoRA evaluations per kind, summed over model calls
+    shallow_passes: int = 0
+    reused: int = 0
+    shallow_fraction: float | None = None  # FLOPs of a shallow pass / a full pass
+    switched_at: int | None = None  # online: first step of the low-frequency phase
+    plans: dict = field(default_factory=dict)  # step -> StepPlan
+
+
+class _ObserveDenoised(PatcherEntry):
+    def __call__(self, args):
+        return self.running(args["model_options"]["transformer_options"]).observe_denoised(args)
+
+
+class CMLoRARuntime(Runtime):
+    method = "cmlora"
+    trace_type = CMLoRATrace
+
+    def __init__(self, loras: list[MappedLora], node: str, schedule: Schedule | None):
+        if schedule is None:
+            raise CMLoRAError(node, "schedule", "method 'cmlora' needs a schedule.",
+                              "connect a 'CMLoRA Frequency Scheduler' (fed by a 'CMLoRA LoRA Profiler', or by the stack).")
+        self.schedule = schedule
+        self._check(total=None, names=[ml.entry.name for ml in loras], node=node)
+        super().__init__(loras, node)
+
+    def _check(self, total: int | None, names=None, node: str | None = None) -> None:
+        try:
+            check_schedule(self.schedule, names if names is not None else [ml.entry.name for ml in self.loras], total)
+        except ScheduleMismatch as e:
+            raise CMLoRAError(node or self.node, e.input, e.problem, e.fix) from None
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._planner: Planner | None = None
+        self._split = None
+        self._deep: dict = {}  # (lora, call key) -> deep feature of its last full pass
+        self._pred: dict = {}  # (lora, call key) -> its last full prediction (cache "prediction")
+
+    def register(self, clone) -> None:
+        if self.schedule.settings.mode == "online":
+            clone.set_model_sampler_post_cfg_function(_ObserveDenoised(self.node))
+
+    def begin_run(self, model_patcher) -> None:
+        self._planner, self._deep, self._pred = None, {}, {}
+
+    def end_run(self, out) -> None:
+        if self._planner is not None:
+            self.trace.switched_at = self._planner.switched_at
+
+    def cleanup(self) -> None:
+        self._deep, self._pred = {}, {}
+
+    def _planner_for(self, total: int) -> Planner:
+        if self._planner is None or self._planner.total != total:
+            self._check(total)
+            self._planner = Planner(self.schedule, total)
+        return self._planner
+
+    def model_call(self, executor, call: ModelCall, step: int):
+        trace = self.trace
+        plan = self._planner_for(trace.steps).plan(step)
+        trace.plans[step] = plan
+        cache = self.schedule.settings.cache
+        if cache == "deep" and self._split is None:
+            self._split = find_split(executor.class_obj, self.node)
+        if cache == "deep" and trace.shallow_fraction is None:
+            trace.shallow_fraction = shallow_fraction(self.base_model, self._split, call.x, call.context, call.y)
+        key = (tuple(call.options.get("uuids", [])), call.rows)
+        full, shallow, reuse = [], [], []
+        for i, kind in enumerate(plan.passes):
+            if kind == SHALLOW and (i, key) in self._deep:
+                shallow.append(i)
+            elif kind == REUSE and (i, key) in self._pred:
+                reuse.append(i)
+            else:  # FULL, or nothing cached for this call yet
+                full.append(i)
+        outs = {}
+        if full:
+            outs.update(self._full(executor, call, full, key, cache))
+        if shallow:
+            outs.update(self._shallow(executor.class_obj, call, shallow, key))
+        for i in reuse:
+            outs[i] = self._pred[(i, key)]
+        trace.full_passes += len(full)
+        trace.shallow_passes += len(shallow)
+        trace.reused += len(reuse)
+        indices = list(range(len(self.loras)))
+        mixed = sum(w * outs[i] for i, w in enumerate(plan.weights))
+        return self.finite(mixed, indices, step, blocks=[outs[i] for i in indices])
+
+    def _full(self, executor, call: ModelCall, indices: list[int], key, cache: str) -> dict:
+        """Full passes of ``indices`` in one forward; keeps what the cache needs."""
+        sink: list = []
+        if cache == "deep":
+            call = call.with_output_block_patch(capture_patch(self._split, sink))
+        out = self.evaluate(executor, call, indices).chunk(len(indices))
+        deep = sink[0].chunk(len(indices)) if sink else [None] * len(indices)
+        for i, o, d in zip(indices, out, deep):
+            if d is not None:
+                self._deep[(i, key)] = d
+            if cache == "prediction":
+                self._pred[(i, key)] = o
+        return dict(zip(indices, out))
+
+    def _shallow(self, unet, call: ModelCall, indices: list[int], key) -> dict:
+        """Shallow passes of ``indices`` around their cached deep features, in one forward."""
+        self.trace.call_rows.append(call.rows * len(indices))
+        copies = call.copies(len(indices))
+        deep = torch.cat([self._deep[(i, key)] for i in indices])
+        with self.routed.routed(self.routed.blocks(call.rows, indices)):
+            out = shallow_forward(unet, self._split, copies.x, copies.timesteps, copies.context, copies.y, deep,
+                                  copies.options)
+        return dict(zip(indices, out.chunk(len(indices))))
+
+    def observe_denoised(self, args):
+        """Post-CFG function (online mode): tell the planner how much high frequency x0 still has."""
+        denoised = args["denoised"]
+        if self._planner is not None and self._sigmas:
+            step = step_index(self._sigmas, args["sigma"])
+            self._planner.observe(step, batch_score(denoised.detach().float().cpu()))
+        return denoised
+
+    # ---------------------------------------------------------------- report
+    @staticmethod
+    def flop_ratio(trace: CMLoRATrace) -> float | None:
+        """UNet FLOPs of the run over merge's (one full pass per model call); LoRA deltas not counted."""
+        if not trace.model_calls:
+            return None
+        f = trace.shallow_fraction if trace.shallow_fraction is not None else 0.0
+        return (trace.full_passes + f * trace.shallow_passes) / trace.model_calls
+
+    def details(self, trace: CMLoRATrace) -> str:
+        settings = self.schedule.settings
+        text = (f", passes: {trace.full_passes} full, {trace.shallow_passes} shallow, {trace.reused} reused"
+                f" ({settings.mode}, cache {settings.cache})")
+        if settings.mode == "online":
+            text += (f"; switched to the low-frequency LoRAs at step {trace.switched_at}"
+                     if trace.switched_at is not None else "; never switched to the low-frequency LoRAs")
+        ratio = self.flop_ratio(trace)
+        if ratio is not None:
+            if trace.shallow_fraction is not None:
+                text += f"; a shallow pass costs {trace.shallow_fraction:.3f} of a full pass"
+            text += f"; this run took {ratio:.3f}x the UNet FLOPs of merge (composite: {len(self.loras)}x)"
+        return text

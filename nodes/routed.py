@@ -1,0 +1,170 @@
+"""Routed LoRAs: the component every composing method shares.
+
+A routed LoRA is added in the forward pass instead of folded into the weights: a forward
+hook on each patched layer adds ``weight * delta(x)`` to the rows the model call's routing
+table gives to that LoRA. So one forward can run N copies of a batch, each copy with its
+own LoRA (composite, CMLoRA, CLoRA's branches), or every row with one LoRA (switch where
+the pack must not write the weights). Outside a routed call the table is None and the
+hooks change nothing, bit for bit.
+
+``ModelCall`` is one call of the host's diffusion model (the arguments of its
+``DIFFUSION_MODEL`` wrapper); ``RoutedLoras`` holds the deltas per layer, installs and
+removes the hooks, and runs a call as copies of its rows with a routing table.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..cmlora_core.errors import CMLoRAError
+from ..cmlora_core.routing import DenseDelta, LowRankDelta, RoutedLayer, Routing, SumDelta, repeat_rows
+from . import host
+from .loras import MappedLora
+
+
+@dataclass
+class ModelCall:
+    """The arguments of one diffusion-model call, as the host's wrapper receives them."""
+
+    x: torch.Tensor
+    timesteps: torch.Tensor
+    context: torch.Tensor | None
+    y: torch.Tensor | None
+    control: object
+    options: dict  # transformer_options
+    extra: dict  # further keyword inputs (model-specific conditioning)
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict) -> "ModelCall":
+        x, timesteps, context, y, control, options = args
+        return cls(x, timesteps, context, y, control, options, kwargs)
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    def run(self, executor) -> torch.Tensor:
+        return executor(self.x, self.timesteps, self.context, self.y, self.control, self.options, **self.extra)
+
+    def copies(self, n: int, context: torch.Tensor | None = None) -> "ModelCall":
+        """The call with its rows repeated ``n`` times (copy k is rows k*B .. (k+1)*B); the options'
+        per-row lists follow. ``context`` replaces the repeated context (CLoRA's branch prompts)."""
+        b = self.rows
+        options = dict(self.options)
+        options["cond_or_uncond"] = list(self.options.get("cond_or_uncond", [])) * n
+        options["uuids"] = list(self.options.get("uuids", [])) * n
+        return ModelCall(repeat_rows(self.x, b, n), repeat_rows(self.timesteps, b, n),
+                         repeat_rows(self.context, b, n) if context is None else context,
+                         repeat_rows(self.y, b, n), repeat_rows(self.control, b, n), options,
+                         {k: repeat_rows(v, b, n) for k, v in self.extra.items()})
+
+    def with_output_block_patch(self, patch) -> "ModelCall":
+        """The call with one more ``output_block_patch``, after the ones already registered."""
+        patches = {k: list(v) for k, v in self.options.get("patches", {}).items()}
+        patches.setdefault("output_block_patch", []).append(patch)
+        return replace(self, options={**self.options, "patches": patches})
+
+
+def _module_kind(module, node: str) -> tuple[str, dict]:
+    # by the layer's attributes, not its class: the hosts' quantized layers are not torch's classes
+    if len(getattr(module, "kernel_size", ())) == 2:
+        return "conv", {"stride": module.stride, "padding": module.padding, "dilation": module.dilation,
+                        "groups": module.groups}
+    if hasattr(module, "in_features"):
+        return "linear", {}
+    raise CMLoRAError(node, "method", f"layer type {type(module).__name__} cannot take a routed LoRA delta.",
+                      "use method 'merge' for this model.")
+
+
+def build_delta(base_model, key: str, patch, node: str):
+    """The routed form of one host patch on one weight (or bias) key: (layer path, delta)."""
+    module_path, param = key.rsplit(".", 1)
+    module = host.get_attr(base_model, module_path)
+    kind, conv = _module_kind(module, node)
+    factors = host.lora_factors(patch) if param == "weight" else None
+    if factors is not None and factors.plain and conv.get("groups", 1) == 1:
+        up, down = factors.up, factors.down
+        rank = down.shape[0]
+        scale = (factors.alpha / rank) if factors.alpha is not None else 1.0
+        if kind == "linear":
+            return module_path, LowRankDelta(down.reshape(rank, -1), up.reshape(up.shape[0], rank), scale, kind)
+        kernel = host.get_attr(base_model, key).shape[1:]
+        return module_path, LowRankDelta(down.reshape(rank, *kernel), up.reshape(up.shape[0], rank, 1, 1),
+                                         scale, kind, conv)
+    # every other adapter: the exact dense difference, computed by the host's own code
+    diff = host.patch_difference(base_model, key, patch)
+    if param == "weight":
+        return module_path, DenseDelta(diff, None, kind, conv)
+    return module_path, DenseDelta(None, diff, kind, conv)
+
+
+class RoutedLoras:
+    """The LoRAs of one runtime as routed deltas on one model.
+
+    ``routing`` is the table of the model call in progress (None between calls); the hooks
+    read it. Deltas are built once per base model and shared with the copies made for the
+    patcher's clones (``for_clone``), which install hooks of their own.
+    """
+
+    def __init__(self, loras: list[MappedLora], node: str):
+        self.loras, self.node = loras, node
+        self.routing: Routing | None = None
+        self._built: dict = {}  # "base": the model, "layers": {layer path: {LoRA index: Delta}}
+        self._handles: list = []
+
+    def for_clone(self) -> "RoutedLoras":
+        twin = copy.copy(self)
+        twin.routing, twin._handles = None, []
+        return twin
+
+    # ------------------------------------------------------------------ hooks
+    def install(self, base_model) -> None:
+        for path, deltas in self.layer_deltas(base_model).items():
+            module = host.get_attr(base_model, path)
+            self._handles.append(module.register_forward_hook(RoutedLayer(path, deltas, self)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def layer_deltas(self, base_model) -> dict[str, dict]:
+        if self._built.get("base") is not base_model:
+            self._built.update(base=base_model, layers=self._build(base_model))
+        return self._built["layers"]
+
+    def _build(self, base_model) -> dict[str, dict]:
+        per_layer: dict[str, dict[int, object]] = {}
+        for i, ml in enumerate(self.loras):
+            for key, patch in ml.patches.items():
+                if not isinstance(key, str):
+                    raise CMLoRAError(self.node, "method",
+                                      f"LoRA '{ml.entry.name}' patches a fused layer ({key[0]}) that routing cannot split.",
+                                      "use method 'merge' for this model.")
+                path, delta = build_delta(base_model, key, patch, self.node)
+                slot = per_layer.setdefault(path, {})
+                slot[i] = SumDelta(slot[i], delta) if i in slot else delta  # weight and bias of one layer
+        return per_layer
+
+    # ------------------------------------------------------------------ routing
+    def blocks(self, rows: int, indices: list[int]) -> Routing:
+        """Copy k of ``rows`` rows gets LoRA ``indices[k]`` at its stack strength."""
+        return Routing.blocks(rows, [(i, self.loras[i].entry.strength_model) for i in indices])
+
+    @contextlib.contextmanager
+    def routed(self, routing: Routing):
+        """Route the model calls made inside the block; cleared after, whatever happens."""
+        self.routing = routing
+        try:
+            yield
+        finally:
+            self.routing = None
+
+    def forward(self, executor, call: ModelCall, indices: list[int]) -> torch.Tensor:
+        """One forward of the call's rows repeated once per LoRA in ``indices``, copy k with LoRA
+        ``indices[k]``; the output holds len(indices) blocks of rows in that order."""
+        with self.routed(self.blocks(call.rows, indices)):
+            return call.copies(len(indices)).run(executor)
