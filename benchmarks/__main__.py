@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where the timing part runs (FLOPs are counted without a device)")
-    ap.add_argument("--part", choices=("all", "flops", "time"), default=None,
+    ap.add_argument("--part", choices=("all", "flops", "time", "demo-switch"), default=None,
                     help="default: all on the CPU, time on CUDA")
     ap.add_argument("--archs", default="sd15,sdxl", help="FLOP architectures (sd15, sdxl)")
     ap.add_argument("--full", action="store_true", help="every SDXL case (CLoRA, every CMLoRA variant)")
@@ -117,6 +117,10 @@ def main(argv=None) -> int:
             from .timing import run_timing
 
             results["timing"] = run_timing(args.device, args.rounds)
+        if part in ("all", "demo-switch"):
+            from .demo_switch import run_demo_switch
+
+            results["demo_switch"] = run_demo_switch(args.rounds)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results))
     text = render(results)
@@ -136,6 +140,10 @@ def render(results: dict) -> str:
         device = results["device"]
         sections.append(report.timing_section(summarise(results["timing"]), device, SETTINGS[device],
                                               results["rounds"]))
+    if "demo_switch" in results:
+        from .demo_switch import demo_switch_section
+
+        sections.append(demo_switch_section(results["demo_switch"]))
     return "\n\n".join(sections)
 
 
