@@ -19,7 +19,6 @@ see zeros: online CMLoRA observes the noisy latent and does not switch phase.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 from .harness import Case, build_model, import_host, mapped_loras, patched_model, runtime_of, sample
@@ -53,12 +52,6 @@ def meta_wrappers(model_patcher, calls: list) -> None:
     model_patcher.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "benchmark", bridge)
 
 
-def meta_attention():
-    from comfyui_cmlora.nodes.host import meta_attention as attention
-
-    return attention()
-
-
 class MetaBench:
     """One architecture on the meta device, its LoRAs, and counted runs of cases."""
 
@@ -75,6 +68,7 @@ class MetaBench:
 
     def run(self, case: Case) -> dict:
         from comfyui_cmlora.cmlora_core.flops import FlopCounter
+        from comfyui_cmlora.nodes.host import meta_attention
 
         model, pos, neg = patched_model(case, self.model, self.loras, self.arch_key)
         started = time.perf_counter()
@@ -90,9 +84,8 @@ class MetaBench:
     def pass_costs(self) -> dict:
         """FLOPs of one call's passes: plain UNet, full and shallow with one LoRA routed."""
         import torch
-        from comfyui_cmlora.cmlora_core.flops import FlopCounter
         from comfyui_cmlora.nodes.routed import RoutedLoras
-        from comfyui_cmlora.nodes.unet_split import capture_patch, find_split, shallow_forward
+        from comfyui_cmlora.nodes.unet_split import count_passes, find_split
 
         from .harness import ARCHS, unet_config
 
@@ -109,19 +102,9 @@ class MetaBench:
         costs = {}
         lora.install(self.model.model)
         try:
-            for routed in (False, True):
-                sink: list = []
-                to = {"patches": {"output_block_patch": [capture_patch(split, sink)]}}
-                with contextlib.ExitStack() as stack:
-                    if routed:
-                        stack.enter_context(lora.routed(lora.blocks(rows, [0])))
-                    with torch.inference_mode(), meta_attention():
-                        with FlopCounter() as full:
-                            unet(x, t, context=ctx, y=y, transformer_options=to)
-                        with FlopCounter() as shallow:
-                            shallow_forward(unet, split, x, t, ctx, y, sink[0], {})
-                suffix = "lora" if routed else "unet"
-                costs[f"full_{suffix}"], costs[f"shallow_{suffix}"] = full.total, shallow.total
+            costs["full_unet"], costs["shallow_unet"] = count_passes(unet, split, x, t, ctx, y)
+            with lora.routed(lora.blocks(rows, [0])):
+                costs["full_lora"], costs["shallow_lora"] = count_passes(unet, split, x, t, ctx, y)
         finally:
             lora.remove()
         return costs

@@ -14,6 +14,7 @@ One ``DIFFUSION_MODEL`` call of the host becomes, in order:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -212,7 +213,7 @@ class CLoRARuntime(Runtime):
                                            call.options, step, iterations)
                 self._updated[step] = x_new
             x = (x_new * c_in).to(call.x.dtype).repeat(len(chunks), *([1] * (call.x.ndim - 1)))
-            call = ModelCall(x, call.timesteps, call.context, call.y, call.control, call.options, call.extra)
+            call = dataclasses.replace(call, x=x)
         out, masks = self._branch_forward(executor, call, chunks, b, step)
         self.clora_trace.masks[step] = masks
         if x_new is not None and step + 1 < len(points):

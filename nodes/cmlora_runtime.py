@@ -51,14 +51,14 @@ class CMLoRARuntime(Runtime):
             raise CMLoRAError(node, "schedule", "method 'cmlora' needs a schedule.",
                               "connect a 'CMLoRA Frequency Scheduler' (fed by a 'CMLoRA LoRA Profiler', or by the stack).")
         self.schedule = schedule
-        self._check(total=None, names=[ml.entry.name for ml in loras], node=node)
         super().__init__(loras, node)
+        self._check(total=None)
 
-    def _check(self, total: int | None, names=None, node: str | None = None) -> None:
+    def _check(self, total: int | None) -> None:
         try:
-            check_schedule(self.schedule, names if names is not None else [ml.entry.name for ml in self.loras], total)
+            check_schedule(self.schedule, [ml.entry.name for ml in self.loras], total)
         except ScheduleMismatch as e:
-            raise CMLoRAError(node or self.node, e.input, e.problem, e.fix) from None
+            raise CMLoRAError(self.node, e.input, e.problem, e.fix) from None
 
     def _reset(self) -> None:
         super()._reset()

@@ -99,27 +99,27 @@ def shallow_fraction(base_model, split: UNetSplit, x, context, y) -> float:
            tuple(x.shape[1:]), None if context is None else tuple(context.shape[1:]),
            None if y is None else tuple(y.shape[1:]))
     if key not in FLOP_FRACTIONS:
-        FLOP_FRACTIONS[key] = count_fraction(host.meta_diffusion_model(base_model), split, x.shape, context.shape,
-                                         None if y is None else y.shape)
+        unet = host.meta_diffusion_model(base_model)
+        dtype = next(unet.parameters()).dtype
+
+        def empty(v):
+            return None if v is None else torch.empty(1, *v.shape[1:], device="meta", dtype=dtype)
+
+        full, shallow = count_passes(unet, split, empty(x), torch.empty(1, device="meta"), empty(context), empty(y))
+        FLOP_FRACTIONS[key] = shallow / full if full else 1.0
     return FLOP_FRACTIONS[key]
 
 
-def count_fraction(unet, split: UNetSplit, x_shape, context_shape, y_shape=None) -> float:
-    """Shallow over full FLOPs of ``unet`` (on the meta device) for one row of these shapes."""
+def count_passes(unet, split: UNetSplit, x, timesteps, context, y=None) -> tuple[int, int]:
+    """FLOPs of one full and one shallow pass of ``unet`` on these meta-device inputs (the runtime's
+    report and the benchmark's tables both count with this)."""
     from ..cmlora_core.flops import FlopCounter
 
-    dtype = next(unet.parameters()).dtype
-
-    def empty(shape):
-        return torch.empty(1, *shape[1:], device="meta", dtype=dtype)
-
-    x, t, context = empty(x_shape), torch.empty(1, device="meta"), empty(context_shape)
-    y = None if y_shape is None else empty(y_shape)
     sink: list = []
     options = {"patches": {"output_block_patch": [capture_patch(split, sink)]}}
     with torch.inference_mode(), host.meta_attention():
         with FlopCounter() as full:
-            unet(x, t, context=context, y=y, transformer_options=options)
+            unet(x, timesteps, context=context, y=y, transformer_options=options)
         with FlopCounter() as shallow:
-            shallow_forward(unet, split, x, t, context, y, sink[0], {})
-    return shallow.total / full.total if full.total else 1.0
+            shallow_forward(unet, split, x, timesteps, context, y, sink[0], {})
+    return full.total, shallow.total
