@@ -34,29 +34,31 @@ def nt_xent(maps: torch.Tensor, concept: list[int], temperature: float = 0.5) ->
 
     maps: (K, D) one flattened attention map per (prompt variation, concept token);
     concept[k] is the concept of map k. After min-max normalisation, s_ij is the cosine
-    similarity / temperature, and for every ordered positive pair (i, j), i != j,
-    loss_ij = -log(exp(s_ij) / sum_{k != i} exp(s_ik)); the loss is their mean.
+    similarity / temperature. Every ordered positive pair (a, p), a != p, contributes
+    -log(e^{s_ap} / (e^{s_ap} + sum over a's negatives n of e^{s_an})) — the anchor's other
+    positives are not in the denominator (pytorch-metric-learning's NTXentLoss, which the
+    reference uses); the loss is the mean over positive pairs.
     """
     z = F.normalize(normalise_maps(maps), dim=1)
     sim = z @ z.t() / temperature
     k = sim.shape[0]
-    eye = torch.eye(k, dtype=torch.bool, device=sim.device)
-    log_denominator = torch.logsumexp(sim.masked_fill(eye, float("-inf")), dim=1, keepdim=True)
-    log_prob = sim - log_denominator
-    # the positive pairs depend only on ``concept``: built on the CPU, no device sync, no data-dependent shapes
+    # which pairs are positives and negatives depends only on ``concept``: built on the CPU, no device sync
     c = torch.tensor(concept)
     positive = (c[:, None] == c[None, :]) & ~torch.eye(k, dtype=torch.bool)
+    negative = (c[:, None] != c[None, :]).to(sim.device)
     count = int(positive.sum())
     if count == 0:
         raise ValueError("NT-Xent needs at least two maps of one concept")
-    return -(log_prob * positive.to(log_prob)).sum() / count
+    negatives = torch.logsumexp(sim.masked_fill(~negative, float("-inf")), dim=1, keepdim=True)  # -inf: none
+    pair_loss = torch.logaddexp(sim, negatives) - sim  # -log(e^s_ap / (e^s_ap + sum_n e^s_an))
+    return (pair_loss * positive.to(pair_loss)).sum() / count
 
 
 def update_plan(total: int, stop_fraction: float = 0.5, extra_iterations: int = 20,
                 extra_at: tuple[float, ...] = (0.0, 0.1, 0.2)) -> dict[int, int]:
     """Latent-update iterations per step: 1 for steps i < stop_fraction*T, plus
     ``extra_iterations`` at the steps round(f*T) for f in ``extra_at`` (when updating)."""
-    stop = math.ceil(stop_fraction * total)
+    stop = max(0, math.ceil(stop_fraction * total - 1e-9))  # i < f*T, float noise tolerated
     plan = {i: 1 for i in range(min(stop, total))}
     for f in extra_at:
         i = int(round(f * total))
@@ -93,13 +95,41 @@ def concept_masks(maps: list[torch.Tensor], threshold: float) -> torch.Tensor:
     return out
 
 
-def branch_masks(subject_masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+MORPHOLOGY = ("none", "dilate", "erode", "open", "close")
+
+
+def morphology(masks: torch.Tensor, op: str) -> torch.Tensor:
+    """3x3 binary morphology of {0, 1} masks (..., H, W) with a square element; pixels outside
+    the image never count (dilation does not grow from them, erosion is not eaten by them).
+    open = erode then dilate (drops specks), close = dilate then erode (fills pinholes)."""
+    if op == "none":
+        return masks
+    if op not in MORPHOLOGY:
+        raise ValueError(f"morphology must be one of {MORPHOLOGY}, got {op!r}")
+    shape = masks.shape
+    flat = masks.reshape(-1, 1, *shape[-2:]).float()
+
+    def dilate(m):
+        return F.max_pool2d(m, 3, stride=1, padding=1)  # padded with -inf: outside never wins
+
+    def erode(m):
+        return -F.max_pool2d(-m, 3, stride=1, padding=1)
+
+    steps = {"dilate": (dilate,), "erode": (erode,), "open": (erode, dilate), "close": (dilate, erode)}[op]
+    for f in steps:
+        flat = f(flat)
+    return flat.reshape(shape).to(masks.dtype)
+
+
+def branch_masks(subject_masks: torch.Tensor, size: tuple[int, int], op: str = "none") -> torch.Tensor:
     """Masks of every branch at latent size: base first (pixels in no subject's mask).
 
-    subject_masks: (N, b, h, w) -> (N+1, b, 1, H, W), nearest upsampling.
+    subject_masks: (N, b, h, w) -> (N+1, b, 1, H, W): nearest upsampling, then the 3x3
+    morphology ``op`` on each subject's mask, then the base mask as what no subject covers.
     """
     n, b, h, w = subject_masks.shape
     up = F.interpolate(subject_masks.reshape(n * b, 1, h, w), size=size, mode="nearest").reshape(n, b, 1, *size)
+    up = morphology(up, op)
     base = (up.sum(0, keepdim=True) == 0).float()
     return torch.cat([base, up], dim=0)
 

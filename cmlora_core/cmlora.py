@@ -48,11 +48,23 @@ def sets_from_categories(categories: list[str]) -> tuple[list[int], list[int]]:
 
 # ------------------------------------------------------------------ clocks
 
+def steps_below(fraction: float, total: int) -> int:
+    """How many steps i satisfy i < fraction * total, compared with a tolerance so that float
+    noise does not move a boundary (0.55 * 220 = 121.00000000000001 still gives 121)."""
+    return max(0, math.ceil(fraction * total - 1e-9))
+
+
+def band_start(fraction: float, total: int) -> int:
+    """Where a refresh band starts: int(fraction * total), as the reference's ranges (7 for 0.375 * 20)."""
+    return max(0, math.floor(fraction * total + 1e-9))
+
+
 def refresh_steps(total: int, policy: str, interval: int = 2) -> list[int]:
     """Steps at which cached features are refreshed; always includes step 0.
 
-    uniform: every ``interval`` steps. nonuniform: every 2 steps while i < 0.375T, every 3
-    while i < 0.875T, every 2 after (the reference's policy).
+    uniform: every ``interval`` steps. nonuniform: the reference's three bands, each a range
+    starting at its own boundary: every 2 steps from 0 to 0.375T, every 3 from there to
+    0.875T, every 2 from there to T (T=20: 0, 2, 4, 6, 7, 10, 13, 16, 17, 19).
     """
     if policy == "uniform":
         if interval < 1:
@@ -60,11 +72,9 @@ def refresh_steps(total: int, policy: str, interval: int = 2) -> list[int]:
         return list(range(0, total, interval))
     if policy != "nonuniform":
         raise ValueError(f"unknown refresh policy {policy!r}")
-    steps, i = [], 0
-    while i < total:
-        steps.append(i)
-        i += 2 if i < 0.375 * total else (3 if i < 0.875 * total else 2)
-    return steps
+    first, second = band_start(0.375, total), band_start(0.875, total)
+    steps = list(range(0, first, 2)) + list(range(first, second, 3)) + list(range(second, total, 2))
+    return steps if steps and steps[0] == 0 else [0] + steps
 
 
 def dominant_weight(mode: str, n: int, step: int, total: int) -> float:
@@ -172,7 +182,7 @@ class Planner:
         return len(self.schedule.high) + len(self.schedule.low)
 
     def _offline_low(self, step: int) -> bool:
-        return step >= math.ceil(self.schedule.settings.h_to_l_fraction * self.total)
+        return step >= steps_below(self.schedule.settings.h_to_l_fraction, self.total)
 
     def observe(self, step: int, hf_share: float) -> None:
         """Online mode: the predicted x0's high-frequency share after ``step``."""

@@ -30,6 +30,35 @@ def step_index(sample_sigmas, sigma) -> int:
     return max(0, min(len(points) - 1, count - 1))
 
 
+# Samplers whose step i also evaluates the model at the following schedule point(s): Heun's
+# corrector at sigma[i+1], Heun++'s at sigma[i+1] and sigma[i+2]. Every other sampler of the
+# host evaluates step i at sigma[i] or between sigma[i] and sigma[i+1].
+END_POINT_SAMPLERS = frozenset({"sample_heun", "sample_heunpp2"})
+
+
+class StepClock:
+    """The step each model evaluation of one sampler run belongs to.
+
+    By sigma (``step_index``), except for samplers in ``END_POINT_SAMPLERS``: for them an
+    evaluation at a lower sigma than the one before continues that step (Heun's corrector
+    at sigma[i+1] is step i's), and a step starts where the sigma stops falling (the next
+    evaluation at sigma[i+1] is step i+1's first).
+    """
+
+    def __init__(self, sampler: str = ""):
+        self.end_points = sampler in END_POINT_SAMPLERS
+        self._last: tuple[float, int] | None = None
+
+    def step(self, sample_sigmas, sigma) -> int:
+        sig = float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma) else float(sigma)
+        if self.end_points and self._last is not None and sig < self._last[0]:
+            step = self._last[1]
+        else:
+            step = step_index(sample_sigmas, sig)
+        self._last = (sig, step)
+        return step
+
+
 def num_steps(sample_sigmas) -> int:
     n = sample_sigmas.reshape(-1).numel() if torch.is_tensor(sample_sigmas) else len(sample_sigmas)
     return max(1, n - 1)

@@ -12,14 +12,14 @@ import torch
 from ..cmlora_core.cmlora import split_sets
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.lora_file import FileCache, file_sha256
-from ..cmlora_core.spectrum import high_frequency_score, radial_profile
+from ..cmlora_core.spectrum import grey, high_frequency_score, radial_profile
 from . import host
 from .checks import shown
 from .loras import MappedLora
 
 log = logging.getLogger("cmlora")
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: the reference's measure (8-bit grey, floored rings out to the corners)
 CUTOFF = 0.2
 MIN_SIDE = 8  # latent pixels on the short side: fewer leave too few rings for a spectrum
 _HASHES = FileCache(budget=64)  # SHA-256 strings, counted
@@ -59,8 +59,8 @@ def _tensor_digest(value) -> str:
     return h.hexdigest()[:16]
 
 
-def _measure(image_or_latent: torch.Tensor) -> tuple[list[float], float]:
-    profiles = [radial_profile(im) for im in image_or_latent]
+def _measure(image_or_latent: torch.Tensor, decoded: bool) -> tuple[list[float], float]:
+    profiles = [radial_profile(grey(im, decoded)) for im in image_or_latent]
     mean = torch.stack(profiles).mean(0)
     return mean.tolist(), high_frequency_score(mean, CUTOFF)
 
@@ -96,12 +96,12 @@ def profile_loras(model, mapped: list[MappedLora], positive, negative, latent, s
 
         def callback(step, x0, x, total, curve=curve):
             host.throw_if_interrupted()
-            curve.append(sum(high_frequency_score(radial_profile(im), CUTOFF) for im in x0.float().cpu()) / x0.shape[0])
+            curve.append(sum(high_frequency_score(radial_profile(grey(im, False)), CUTOFF) for im in x0.float().cpu()) / x0.shape[0])
             bar.update(1)
 
         samples = host.sample_latent(m, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, callback)
         final = vae.decode(samples).movedim(-1, 1) if vae is not None else samples
-        spectrum, score = _measure(final.detach().float().cpu())
+        spectrum, score = _measure(final.detach().float().cpu(), decoded=vae is not None)
         if not (math.isfinite(score) and all(map(math.isfinite, spectrum))):
             who = "the base model alone" if m is model else f"LoRA '{name}' alone"
             raise CMLoRAError(node, "model" if m is model else "stack",

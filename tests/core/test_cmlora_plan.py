@@ -17,9 +17,8 @@ def planner(high, low, total, **settings):
 
 def test_refresh_clocks():
     assert refresh_steps(10, "uniform", 3) == [0, 3, 6, 9]
-    # nonuniform: every 2 below 0.375T, every 3 below 0.875T, every 2 after
-    assert refresh_steps(20, "nonuniform") == [0, 2, 4, 6, 8, 11, 14, 17]
-    assert refresh_steps(40, "nonuniform") == [0, 2, 4, 6, 8, 10, 12, 14, 16, 19, 22, 25, 28, 31, 34, 37, 39]
+    # nonuniform: the reference's three ranges (tests/core/test_reference_measures.py checks them in full)
+    assert refresh_steps(40, "nonuniform") == [0, 2, 4, 6, 8, 10, 12, 14, 15, 18, 21, 24, 27, 30, 33, 35, 37, 39]
 
 
 def test_dominant_weights():
@@ -113,8 +112,8 @@ def test_spectrum_orders_edges_above_flat_colour():
     torch.manual_seed(0)
     smooth = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 64, 64), 9, 1, 4)[0]
     edges = torch.rand(3, 64, 64)
-    prof = radial_profile(edges)
-    assert prof.shape == (33,) and math.isclose(float(prof.abs().max()), 1.0)
+    prof = radial_profile(edges.mean(0))
+    assert prof.shape == (46,) and math.isclose(float(prof.abs().max()), 1.0)  # rings 0..45: to the corner
     assert image_score(edges) > image_score(smooth)
     # scale-free: the same content at half the resolution keeps its order
     assert image_score(edges[:, ::2, ::2]) > image_score(smooth[:, ::2, ::2])

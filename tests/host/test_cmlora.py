@@ -245,7 +245,7 @@ def test_bad_schedules(sd15, conds):
     assert "3 LoRAs need at least 3 steps" in msg
     assert "needs a schedule" in _error(apply, model, st, "cmlora")
     measured = {"score": 0.5, "profile": [1.0, 0.5], "curve": [0.5]}
-    fake = {"version": 1, "base_model": "SD15:0000000000000000", "baseline": {"name": "baseline", **measured},
+    fake = {"version": 2, "base_model": "SD15:0000000000000000", "baseline": {"name": "baseline", **measured},
             "loras": [{"name": n, "set": s, **measured} for n, s in ((A, "H"), (B, "L"), (C, "H"))],
             "high": [A, C], "low": [B]}
     msg = _error(cmlora, model, st, schedule(profile=fake)[0])

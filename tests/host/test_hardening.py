@@ -180,7 +180,7 @@ def test_trigger_is_inserted_literally(sd15):
 
 def _profile():
     lora = {"name": "a.safetensors", "score": 0.5, "profile": [1.0, 0.5], "curve": [0.5], "set": "H"}
-    return {"version": 1, "base_model": "", "loras": [lora, {**lora, "name": "b.safetensors", "set": "L"}],
+    return {"version": 2, "base_model": "", "loras": [lora, {**lora, "name": "b.safetensors", "set": "L"}],
             "baseline": {"name": "baseline", "score": 0.4, "profile": [1.0, 0.4], "curve": []},
             "high": ["a.safetensors"], "low": ["b.safetensors"], "settings": {}}
 
