@@ -64,7 +64,6 @@ class Branches:
 class CLoRATrace:
     losses: dict = field(default_factory=dict)  # step -> [loss per iteration]
     masks: dict = field(default_factory=dict)  # step -> (N, b, H, W) subject masks at latent size
-    sampler: str = ""
     latent: torch.Tensor | None = None  # the run's output (CPU), which identifies the run to CLoRA Masks
 
 
@@ -109,12 +108,6 @@ class _Attention(PatcherEntry):
         return self.running(extra_options).attention(q, k, v, extra_options)
 
 
-class _SamplerSample(PatcherEntry):
-    def __call__(self, executor, *args, **kwargs):
-        extra_args = kwargs["extra_args"] if "extra_args" in kwargs else args[2]
-        return self.running(extra_args["model_options"]["transformer_options"]).sampler_sample(executor, *args, **kwargs)
-
-
 class CLoRARuntime(Runtime):
     method = "clora"
 
@@ -136,7 +129,7 @@ class CLoRARuntime(Runtime):
         self.clora_trace: CLoRATrace | None = None
         self._grad_params: dict | None = None
         self._updated: dict = {}
-        self._sampler_name = ""
+        self._latent_shape: tuple | None = None  # the sampler's latent (B, C, H, W), from its noise
 
     def on_model_patcher_clone(self):
         twin = super().on_model_patcher_clone()
@@ -160,7 +153,6 @@ class CLoRARuntime(Runtime):
 
     # ------------------------------------------------------------------ installation
     def register(self, clone) -> None:
-        clone.add_wrapper_with_key(host.WrappersMP.SAMPLER_SAMPLE, self.key, _SamplerSample(self.node))
         for block, index, t in self.layers:
             clone.set_model_attn2_replace(_Attention(self.node), block, index, t)
 
@@ -189,11 +181,9 @@ class CLoRARuntime(Runtime):
         self.clora_trace = None
 
     def sampler_sample(self, executor, *args, **kwargs):
-        fn = getattr(executor.class_obj, "sampler_function", None)
-        self._sampler_name = getattr(fn, "__name__", "")
-        if self.clora_trace is not None:
-            self.clora_trace.sampler = self._sampler_name
-        return executor(*args, **kwargs)
+        noise = kwargs["noise"] if "noise" in kwargs else args[4]
+        self._latent_shape = tuple(noise.shape)
+        return super().sampler_sample(executor, *args, **kwargs)
 
     def model_call(self, executor, call: ModelCall, step: int):
         points, total = self._sigmas, self.trace.steps
@@ -292,10 +282,10 @@ class CLoRARuntime(Runtime):
         return fused, subject_masks if subject_masks.is_meta else subject_masks.cpu()
 
     def _check_exact(self) -> None:
-        if self._sampler_name and self._sampler_name not in EXACT_SAMPLERS:
+        if self.sampler_name and self.sampler_name not in EXACT_SAMPLERS:
             raise CMLoRAError(self.node, "step_size",
                               f"contrastive latent updates are exact only with the euler and ddim samplers; this run "
-                              f"uses {self._sampler_name.replace('sample_', '')}.",
+                              f"uses {self.sampler_name.replace('sample_', '')}.",
                               "sample with euler or ddim, or set step_size to 0 to use the masks without updates.")
         if not host.is_eps_model(self.base_model):
             raise CMLoRAError(self.node, "step_size", "latent updates need an epsilon-prediction model.",

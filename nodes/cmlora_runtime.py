@@ -20,7 +20,6 @@ import torch
 from ..cmlora_core.cmlora import REUSE, SHALLOW, Planner, Schedule, ScheduleMismatch, check_schedule
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.spectrum import batch_score
-from ..cmlora_core.steps import step_index
 from .loras import MappedLora
 from .routed import ModelCall
 from .runtime import RunTrace, Runtime, PatcherEntry
@@ -147,7 +146,7 @@ class CMLoRARuntime(Runtime):
         """Post-CFG function (online mode): tell the planner how much high frequency x0 still has."""
         denoised = args["denoised"]
         if self._planner is not None and self._sigmas:
-            step = step_index(self._sigmas, args["sigma"])
+            step = self.step_of(args["model_options"]["transformer_options"], args["sigma"])
             self._planner.observe(step, batch_score(denoised.detach().float().cpu()))
         return denoised
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cmlora_core.errors import CMLoRAError
-from ..cmlora_core.steps import num_steps, step_index
+from ..cmlora_core.steps import StepClock, num_steps, step_index
 from . import host
 from .loras import MappedLora
 from .routed import ModelCall, RoutedLoras
@@ -94,6 +94,20 @@ class _OuterSample(PatcherEntry):
         runtime = runtime_of(guider.model_patcher)
         guider.model_options.setdefault("transformer_options", {})[RUNNING] = runtime
         return runtime.outer_sample(executor, *args, **kwargs)
+
+
+class _SamplerSample(PatcherEntry):
+    def __call__(self, executor, *args, **kwargs):
+        extra_args = kwargs["extra_args"] if "extra_args" in kwargs else args[2]
+        return self.running(extra_args["model_options"]["transformer_options"]).sampler_sample(executor, *args, **kwargs)
+
+
+class _PredictNoise(PatcherEntry):
+    """One evaluation of the sampler (all model calls of one denoised prediction)."""
+
+    def __call__(self, executor, x, timestep, model_options={}, *args, **kwargs):
+        self.running(model_options["transformer_options"]).evaluation(model_options["transformer_options"], timestep)
+        return executor(x, timestep, model_options, *args, **kwargs)
 
 
 class _DiffusionModel(PatcherEntry):
@@ -179,6 +193,9 @@ class Runtime:
         self.trace: RunTrace | None = None
         self.base_model = None
         self._sigmas_of, self._sigmas = None, []
+        self.sampler_name = ""  # the sampler function of the run (e.g. "sample_euler")
+        self._clock = StepClock()
+        self._evaluation: tuple[float, int] | None = None  # (sigma, step) of the evaluation in progress
 
     def on_model_patcher_clone(self):
         """The host calls this when the patcher is cloned: the clone gets its own runtime."""
@@ -198,6 +215,8 @@ class Runtime:
                               f"put all LoRAs into one stack, or feed {self.node} the model from before "
                               f"{existing.node}. LoraLoader and method 'merge' may sit before or after it.")
         clone.add_wrapper_with_key(host.WrappersMP.OUTER_SAMPLE, self.key, _OuterSample(self.node))
+        clone.add_wrapper_with_key(host.WrappersMP.SAMPLER_SAMPLE, self.key, _SamplerSample(self.node))
+        clone.add_wrapper_with_key(host.WrappersMP.PREDICT_NOISE, self.key, _PredictNoise(self.node))
         clone.add_wrapper_with_key(host.WrappersMP.DIFFUSION_MODEL, self.key, _DiffusionModel(self.node))
         clone.set_injections(self.key, [host.PatcherInjection(_inject, _eject)])
         if self.row_factor() > 1:  # the host's memory estimates learn that every model call runs copies
@@ -250,14 +269,35 @@ class Runtime:
     def cleanup(self) -> None:
         """After every run, finished or not: drop per-run state, put the model back."""
 
-    def diffusion_model(self, executor, call: ModelCall) -> torch.Tensor:
-        options = call.options
+    def sampler_sample(self, executor, *args, **kwargs):
+        """The sampler's run: its function decides how evaluations map to steps (``StepClock``)."""
+        self.sampler_name = getattr(getattr(executor.class_obj, "sampler_function", None), "__name__", "")
+        self._clock, self._evaluation = StepClock(self.sampler_name), None
+        return executor(*args, **kwargs)
+
+    def evaluation(self, options: dict, sigma) -> None:
+        """The sampler evaluates the model at ``sigma``: fix the step of every model call it makes."""
+        if "sample_sigmas" in options:
+            sig = float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma) else float(sigma)
+            self._evaluation = (sig, self._clock.step(self.run_sigmas(options["sample_sigmas"]), sig))
+
+    def step_of(self, options: dict, sigma=None) -> int:
+        """The step a model call belongs to: its evaluation's (Heun's corrector belongs to the step it
+        corrects), or by sigma for a call made outside a sampler evaluation."""
         if "sample_sigmas" not in options:
             raise CMLoRAError(self.node, "model",
                               "the sampler did not pass its sigma schedule to the model, so the step is unknown.",
                               "sample with KSampler, KSamplerAdvanced or SamplerCustomAdvanced.")
         sigmas = self.run_sigmas(options["sample_sigmas"])
-        step = step_index(sigmas, options["sigmas"])
+        sig = float((options["sigmas"] if sigma is None else sigma).reshape(-1)[0])
+        if self._evaluation is not None and abs(self._evaluation[0] - sig) <= 1e-5 * max(1.0, abs(sig)):
+            return self._evaluation[1]
+        return step_index(sigmas, sig)
+
+    def diffusion_model(self, executor, call: ModelCall) -> torch.Tensor:
+        options = call.options
+        step = self.step_of(options)
+        sigmas = self._sigmas
         if self.trace is None:  # a call outside this runtime's bracket (another guider's run)
             self.trace = self.trace_type()
         self.trace.steps = num_steps(sigmas)

@@ -207,7 +207,7 @@ def test_profiler_separates_edge_and_smoothing_loras(sd15, models_dir):
     assert profile["order"][0] == "spectral_edges.safetensors"
     scores = {e["name"]: e["score"] for e in profile["loras"]}
     assert scores["spectral_edges.safetensors"] > profile["baseline"]["score"] > scores["spectral_flat.safetensors"]
-    assert all(len(e["curve"]) == 3 and len(e["profile"]) == 65 for e in profile["loras"])
+    assert all(len(e["curve"]) == 3 and len(e["profile"]) == 91 for e in profile["loras"])  # 128x128: rings to the corner, 0..90
     assert plot.shape[0] == 1 and plot.shape[-1] == 3
     # the same inputs again cost nothing (same object back), and the profile is plain JSON
     assert ProfilerNode.execute(**args).args[0] is profile
