@@ -13,7 +13,7 @@ real model).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -23,7 +23,7 @@ from ..cmlora_core.spectrum import batch_score
 from .loras import MappedLora
 from .routed import ModelCall
 from .runtime import RunTrace, Runtime, PatcherEntry
-from .unet_split import capture_patch, find_split, shallow_forward, shallow_fraction
+from .unet_split import capturing, find_split, shallow_forward, shallow_fraction
 
 
 @dataclass
@@ -122,7 +122,7 @@ class CMLoRARuntime(Runtime):
         """Full passes of ``indices`` in one forward; keeps what the cache needs."""
         sink: list = []
         if cache == "deep":
-            call = call.with_output_block_patch(capture_patch(self._split, sink))
+            call = replace(call, options=capturing(call.options, self._split, sink))
         out = self.evaluate(executor, call, indices).chunk(len(indices))
         deep = sink[0].chunk(len(indices)) if sink else [None] * len(indices)
         for i, o, d in zip(indices, out, deep):
@@ -139,7 +139,7 @@ class CMLoRARuntime(Runtime):
         deep = torch.cat([self._deep[(i, key)] for i in indices])
         with self.routed.routed(self.routed.blocks(call.rows, indices)):
             out = shallow_forward(unet, self._split, copies.x, copies.timesteps, copies.context, copies.y, deep,
-                                  copies.options)
+                                  copies.options, copies.control)
         return dict(zip(indices, out.chunk(len(indices))))
 
     def observe_denoised(self, args):

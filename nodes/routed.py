@@ -53,6 +53,8 @@ class ModelCall:
         """The call with its rows repeated ``n`` times (copy k is rows k*B .. (k+1)*B); the options'
         per-row lists follow. ``context`` replaces the repeated context (CLoRA's branch prompts)."""
         b = self.rows
+        if n == 1:  # still a call of its own: the forward pops ControlNet's residual lists
+            return replace(self, control=_own_lists(self.control), options=dict(self.options))
         options = dict(self.options)
         options["cond_or_uncond"] = list(self.options.get("cond_or_uncond", [])) * n
         options["uuids"] = list(self.options.get("uuids", [])) * n
@@ -61,11 +63,14 @@ class ModelCall:
                          repeat_rows(self.y, b, n), repeat_rows(self.control, b, n), options,
                          {k: repeat_rows(v, b, n) for k, v in self.extra.items()})
 
-    def with_output_block_patch(self, patch) -> "ModelCall":
-        """The call with one more ``output_block_patch``, after the ones already registered."""
-        patches = {k: list(v) for k, v in self.options.get("patches", {}).items()}
-        patches.setdefault("output_block_patch", []).append(patch)
-        return replace(self, options={**self.options, "patches": patches})
+
+def _own_lists(value):
+    """New lists and dicts around the same tensors."""
+    if isinstance(value, list):
+        return [_own_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _own_lists(v) for k, v in value.items()}
+    return value
 
 
 def _module_kind(module, node: str) -> tuple[str, dict]:

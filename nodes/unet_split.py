@@ -20,6 +20,7 @@ from . import host
 class UNetSplit:
     n_in: int  # input blocks at full resolution (their outputs are the skips the shallow part needs)
     out_start: int  # index of the first output block of the shallow part
+    out_transformer_index: int = 0  # transformer layers a full pass runs before that block
 
     def is_capture_block(self, transformer_options: dict) -> bool:
         return transformer_options.get("block") == ("output", self.out_start)
@@ -32,27 +33,61 @@ def find_split(unet, node: str = "CMLoRA Apply") -> UNetSplit:
                           "use cache 'none' or 'prediction' in the Frequency Scheduler.")
     for i, block in enumerate(unet.input_blocks):
         if any(isinstance(m, host.Downsample) for m in block):
-            return UNetSplit(i, len(unet.output_blocks) - i)
+            out_start = len(unet.output_blocks) - i
+            before = [*unet.input_blocks, *([unet.middle_block] if unet.middle_block is not None else []),
+                      *unet.output_blocks[:out_start]]
+            transformers = sum(1 for b in before for m in b if hasattr(m, "transformer_blocks"))
+            return UNetSplit(i, out_start, transformers)
     raise CMLoRAError(node, "model", "this UNet never downsamples; there is no deep part to cache.",
                       "use cache 'none' or 'prediction' in the Frequency Scheduler.")
 
 
-def capture_patch(split: UNetSplit, sink: list):
-    """An ``output_block_patch`` that stores the hidden state entering the split block."""
+def capture_patch(split: UNetSplit, sink: list, copy: bool = False):
+    """An ``output_block_patch`` that stores the hidden state entering the split block. It must run
+    before the other nodes' output-block patches (``capturing``): the deep feature is what the shallow
+    pass starts from, and the shallow pass runs those patches itself. ``copy``: store a copy, for
+    patches that write into ``h`` (FreeU does)."""
 
     def patch(h, hsp, transformer_options):
         if split.is_capture_block(transformer_options):
-            sink.append(h)
+            sink.append(h.clone() if copy else h)
         return h, hsp
 
     return patch
 
 
-def shallow_forward(unet, split: UNetSplit, x, timesteps, context, y, deep, transformer_options):
+def capturing(options: dict, split: UNetSplit, sink: list) -> dict:
+    """``transformer_options`` whose first output-block patch stores the deep feature in ``sink``."""
+    patches = {k: list(v) for k, v in options.get("patches", {}).items()}
+    others = patches.get("output_block_patch", [])
+    patches["output_block_patch"] = [capture_patch(split, sink, copy=bool(others))] + others
+    return {**options, "patches": patches}
+
+
+def _residual(control, name: str, k: int):
+    """The ControlNet / T2I-Adapter residual the host adds at the k-th ``name`` point of a full pass.
+
+    The host pops each list from its end, once per block; this reads the same element without
+    popping, so the full pass and the shallow passes of one model call can share the residuals.
+    """
+    if not control or not control.get(name):
+        return None
+    seq = control[name]
+    return seq[len(seq) - 1 - k] if k < len(seq) else None
+
+
+def _add(h, residual):
+    if residual is not None:
+        h += residual
+    return h
+
+
+def shallow_forward(unet, split: UNetSplit, x, timesteps, context, y, deep, transformer_options, control=None):
     """The outer blocks only, with ``deep`` in place of everything deeper.
 
-    Follows UNetModel._forward for the blocks it runs, so with a fresh deep feature the
-    result equals the full pass exactly. Block patches of other nodes run as in the host.
+    Follows UNetModel._forward for the blocks it runs — ControlNet residuals, other nodes' block
+    patches and the transformer index included — so with a fresh deep feature (captured by
+    ``capturing``) the result equals the full pass exactly.
     """
     to = transformer_options
     to["original_shape"] = list(x.shape)
@@ -67,15 +102,17 @@ def shallow_forward(unet, split: UNetSplit, x, timesteps, context, y, deep, tran
     for i in range(split.n_in):
         to["block"] = ("input", i)
         h = host.forward_timestep_embed(unet.input_blocks[i], h, emb, context, to)
+        h = _add(h, _residual(control, "input", i))
         for p in patches.get("input_block_patch", []):
             h = p(h, to)
         hs.append(h)
         for p in patches.get("input_block_patch_after_skip", []):
             h = p(h, to)
     h = deep
+    to["transformer_index"] = split.out_transformer_index
     for i in range(split.out_start, len(unet.output_blocks)):
         to["block"] = ("output", i)
-        hsp = hs.pop()
+        hsp = _add(hs.pop(), _residual(control, "output", i))
         for p in patches.get("output_block_patch", []):
             h, hsp = p(h, hsp, to)
         h = torch.cat([h, hsp], dim=1)
@@ -116,7 +153,7 @@ def count_passes(unet, split: UNetSplit, x, timesteps, context, y=None) -> tuple
     from ..cmlora_core.flops import FlopCounter
 
     sink: list = []
-    options = {"patches": {"output_block_patch": [capture_patch(split, sink)]}}
+    options = capturing({}, split, sink)
     with torch.inference_mode(), host.meta_attention():
         with FlopCounter() as full:
             unet(x, timesteps, context=context, y=y, transformer_options=options)

@@ -149,6 +149,19 @@ def make_sd15_scaled_fp8_unet(checkpoint: Path, path: Path) -> None:
     save_file(out, str(path), metadata={"cmlora_fixture": FIXTURE_VERSION})
 
 
+def make_sd15_controlnet(path: Path, seed: int = 21) -> None:
+    """A ControlNet for the SD1.5 fixture, in the layout of the released ``control_*.pth`` conversions
+    (``control_model.`` keys). Its zero convolutions are random, not zero, so its residuals are felt."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    config = {k: v for k, v in SD15_UNET.items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, device="cpu", **config)
+    _init_(net, seed)
+    save_file(_fp16({f"control_model.{k}": v for k, v in net.state_dict().items()}), str(path),
+              metadata={"cmlora_fixture": FIXTURE_VERSION})
+
+
 def load_unet(name: str, weight_dtype: str = "default"):
     """A diffusion model from the diffusion_models folder, through the host's own UNETLoader."""
     import nodes as host_nodes
