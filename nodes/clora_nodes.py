@@ -7,7 +7,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from ..cmlora_core.clora import token_positions
+from ..cmlora_core.clora import MORPHOLOGY, token_positions
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import require_model_entries
 from . import host
@@ -55,13 +55,18 @@ def build_branches(clip, prompt, subjects, styles, node=NODE):
                               "(or give it the category 'style' to apply it everywhere).")
         concepts.append(e.concept.strip())
     word_ids = [host.word_tokens(clip, c) for c in concepts]
+    # in LoRA i's variation its concept is written with the trigger ("sks cat"): the trigger's tokens
+    # belong to the concept's group there (the reference's groups include them)
+    triggered = [host.word_tokens(clip, f"{e.trigger} {c}") if e.trigger else w
+                 for c, e, w in zip(concepts, subjects, word_ids)]
     texts = [prompt] + [_with_trigger(prompt, c, e.trigger) for c, e in zip(concepts, subjects)]
     contexts, tokens = [], []
     for p, text in enumerate(texts):
         ids = host.tokens_of(clip, text)
         found = {}
         for c, (concept, wid) in enumerate(zip(concepts, word_ids)):
-            pos = token_positions(ids, wid)
+            pos = token_positions(ids, triggered[c]) if p == c + 1 else []
+            pos = pos or token_positions(ids, wid)
             if not pos:
                 raise CMLoRAError(node, "prompt", f"the concept '{concept}' (LoRA '{subjects[c].name}') is not in the "
                                   f"prompt '{text}'.", f"write '{concept}' in the prompt, or change the LoRA's concept.")
@@ -73,6 +78,19 @@ def build_branches(clip, prompt, subjects, styles, node=NODE):
         if len(ids) > 77:
             log.info("CLoRA: the prompt spans %d CLIP chunks; concept tokens are read across chunks", len(ids) // 77)
     return texts, contexts, tokens, concepts
+
+
+def _chosen_subjects(text: str, concepts: list[str]) -> tuple[int, ...]:
+    """Indices of the subjects named (by concept words, comma-separated) in ``style_subjects``."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    lowered = [c.lower() for c in concepts]
+    chosen = []
+    for n in names:
+        if n.lower() not in lowered:
+            raise CMLoRAError(NODE, "style_subjects", f"'{n}' is not the concept of a subject LoRA (they are: "
+                              f"{', '.join(concepts)}).", "write the concept words as set on the LoRA Stack nodes.")
+        chosen.append(lowered.index(n.lower()))
+    return tuple(sorted(set(chosen)))
 
 
 class AttentionMasker(io.ComfyNode):
@@ -109,6 +127,12 @@ class AttentionMasker(io.ComfyNode):
                                        "(the reference code).", **host.ADVANCED),
                 io.Combo.Input("style_scope", options=["global", "subjects"], default="global",
                                tooltip="Style LoRAs apply everywhere, or only inside the subjects' masks.", **host.ADVANCED),
+                io.Combo.Input("mask_morphology", options=list(MORPHOLOGY), default="none", optional=True,
+                               tooltip="3x3 clean-up of each subject's mask: dilate grows it by a pixel, erode shrinks "
+                                       "it, open drops specks, close fills pinholes.", **host.ADVANCED),
+                io.String.Input("style_subjects", default="", optional=True,
+                                tooltip="With style_scope 'subjects': the concept words of the subjects whose regions "
+                                        "get the style LoRAs, comma-separated (empty: every subject).", **host.ADVANCED),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model to sample (euler or ddim for exact updates)."),
@@ -119,7 +143,7 @@ class AttentionMasker(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, stack, prompt, temperature, step_size, stop_fraction, extra_iterations,
-                mask_threshold, attention, style_scope):
+                mask_threshold, attention, style_scope, mask_morphology="none", style_subjects=""):
         check_inputs(cls, locals())
         entries = list(require_model_entries(stack, NODE))
         subjects = [e for e in entries if e.category != "style"]
@@ -133,8 +157,12 @@ class AttentionMasker(io.ComfyNode):
         branches = Branches(contexts=[c.detach() for c in contexts], concept_tokens=tokens,
                             subject_loras=list(range(len(subjects))),
                             style_loras=list(range(len(subjects), len(ordered))), concept_names=concepts)
+        chosen = _chosen_subjects(style_subjects, concepts)
+        if chosen and style_scope != "subjects":
+            raise CMLoRAError(NODE, "style_subjects", f"style_subjects names subjects, but style_scope is '{style_scope}'.",
+                              "set style_scope to 'subjects', or clear style_subjects.")
         settings = CLoRASettings(temperature, step_size, stop_fraction, extra_iterations, mask_threshold, attention,
-                                 style_scope)
+                                 style_scope, chosen, mask_morphology)
         clone = attach_clora(model, mapped, branches, settings)
         for t in texts:
             log.info("CLoRA branch prompt: %s", t)

@@ -27,7 +27,7 @@ from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.routing import Route, Routing
 from . import host
 from .routed import ModelCall
-from .runtime import PatcherEntry, Runtime, check_finite
+from .runtime import Runtime, check_finite
 
 log = logging.getLogger("cmlora")
 NODE = "CLoRA Attention Masker"
@@ -47,6 +47,8 @@ class CLoRASettings:
     mask_threshold: float = 0.4
     attention: str = "conditional"  # or "both"
     style_scope: str = "global"  # or "subjects"
+    style_subjects: tuple = ()  # with scope "subjects": the subjects (indices) whose regions get the style; () = all
+    morphology: str = "none"  # 3x3 morphology of each subject mask: none, dilate, erode, open, close
 
 
 @dataclass
@@ -103,9 +105,15 @@ def _value(t: torch.Tensor) -> float:
     return math.nan if t.is_meta else float(t.detach())
 
 
-class _Attention(PatcherEntry):
+class _Attention:
+    """CLoRA's cross-attention at one target layer for one model call: keeps the probabilities and
+    hands the output to the patch that was there (an IPAdapter's, say), or computes it."""
+
+    def __init__(self, runtime: "CLoRARuntime", inner):
+        self.runtime, self.inner = runtime, inner
+
     def __call__(self, q, k, v, extra_options):
-        return self.running(extra_options).attention(q, k, v, extra_options)
+        return self.runtime.attention(q, k, v, extra_options, self.inner)
 
 
 class CLoRARuntime(Runtime):
@@ -130,6 +138,8 @@ class CLoRARuntime(Runtime):
         self._grad_params: dict | None = None
         self._updated: dict = {}
         self._latent_shape: tuple | None = None  # the sampler's latent (B, C, H, W), from its noise
+        self._prompt_y = None  # ADM rows (SDXL) of the Masker's prompt, from the last call that held it
+        self._latest_masks = None  # branch masks of the latest call that held the Masker's prompt
 
     def on_model_patcher_clone(self):
         twin = super().on_model_patcher_clone()
@@ -151,14 +161,28 @@ class CLoRARuntime(Runtime):
     def row_factor(self) -> int:
         return len(self.branches.contexts)
 
-    # ------------------------------------------------------------------ installation
-    def register(self, clone) -> None:
-        for block, index, t in self.layers:
-            clone.set_model_attn2_replace(_Attention(self.node), block, index, t)
+    # ------------------------------------------------------------------ attention capture
+    def with_capture(self, options: dict) -> dict:
+        """``transformer_options`` of one model call with CLoRA's capture at the target layers.
 
-    def attention(self, q, k, v, extra_options):
-        """Cross-attention with its probabilities kept (mean over heads) at the target layers."""
+        Set per call, not on the patcher, so that another node's attn2 replace patch (IPAdapter
+        registers them under (block, index) on SD1.5 and (block, index, transformer) on SDXL, before
+        or after this node) is found as the host would find it and keeps running inside the capture.
+        """
+        replace = dict(options.get("patches_replace", {}))
+        attn2 = dict(replace.get("attn2", {}))
+        for block, index, t in self.layers:
+            inner = attn2.get((block, index, t), attn2.get((block, index)))
+            attn2[(block, index, t)] = _Attention(self, inner)
+        replace["attn2"] = attn2
+        return {**options, "patches_replace": replace}
+
+    def attention(self, q, k, v, extra_options, inner=None):
+        """Cross-attention with its probabilities kept (mean over heads) at the target layers; the
+        output is the other node's patch's when one was there."""
         out, probs = attention_probs(q, k, v, extra_options["n_heads"])
+        if inner is not None:
+            out = inner(q, k, v, extra_options)
         if self.maps is not None:
             self.maps.append(probs)
             key = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
@@ -176,6 +200,7 @@ class CLoRARuntime(Runtime):
 
     def cleanup(self) -> None:
         self.maps, self.loss_pass, self._grad_params, self._updated = None, False, None, {}
+        self._latest_masks, self._prompt_y = None, None
         if self.clora_trace is not None:
             self.runs = (self.runs + [self.clora_trace])[-RECENT_RUNS:]
         self.clora_trace = None
@@ -191,25 +216,60 @@ class CLoRARuntime(Runtime):
         model_sampling = self.base_model.model_sampling
         chunks = list(call.options.get("cond_or_uncond", [0]))
         b = call.rows // len(chunks)
+        self._check_area(call)
+        mine = self._prompt_chunks(call, chunks, b)
+        c = self._latent_shape[1] if self._latent_shape else call.x.shape[1]  # inpainting models take more
         c_in = float(model_sampling.calculate_input(torch.tensor(sigma), torch.ones(1)).reshape(-1)[0])
-        x_latent = call.x[:b].float() / c_in  # every chunk holds the same latent rows
+        x_latent = call.x[:b, :c].float() / c_in  # every chunk of a full-size call holds the same latent
+        if mine and call.y is not None:
+            self._prompt_y = call.y[mine[0] * b:(mine[0] + 1) * b]
         iterations = update_plan(total, self.settings.stop_fraction, self.settings.extra_iterations).get(step, 0)
         x_new = None
         if iterations and self.settings.step_size > 0 and len(self.branches.concept_names) >= 2:
             x_new = self._updated.get(step)
             if x_new is None:
                 self._check_exact()
-                x_new = self.update_latent(executor.class_obj, x_latent, sigma, call.timesteps[:b], call.y,
-                                           call.options, step, iterations)
+                y = self._prompt_y if self._prompt_y is not None else (None if call.y is None else call.y[:b])
+                uncond = [j for j, kind in enumerate(chunks) if kind == 1]
+                uncond_ctx = (call.context[uncond[0] * b:(uncond[0] + 1) * b]
+                              if uncond and self.settings.attention == "both" else None)
+                x_new = self.update_latent(executor.class_obj, x_latent, sigma, call.timesteps[:b], y,
+                                           call.options, step, iterations,
+                                           extra=call.x[:b, c:], uncond_context=uncond_ctx)
                 self._updated[step] = x_new
-            x = (x_new * c_in).to(call.x.dtype).repeat(len(chunks), *([1] * (call.x.ndim - 1)))
+            x = call.x.clone()
+            x[:, :c] = (x_new * c_in).to(call.x.dtype).repeat(len(chunks), *([1] * (call.x.ndim - 1)))
             call = dataclasses.replace(call, x=x)
-        out, masks = self._branch_forward(executor, call, chunks, b, step)
-        self.clora_trace.masks[step] = masks
+        out, masks = self._branch_forward(executor, call, chunks, mine, b, step)
         if x_new is not None and step + 1 < len(points):
             corr = euler_correction(x_latent, x_new, sigma, points[step + 1]).to(out.dtype)
             out = out + corr.repeat(len(chunks), *([1] * (out.ndim - 1)))
         return out
+
+    def _check_area(self, call: ModelCall) -> None:
+        if self._latent_shape is not None and tuple(call.x.shape[-2:]) != tuple(self._latent_shape[-2:]):
+            raise CMLoRAError(self.node, "model",
+                              f"a prompt of this run covers only part of the image ({list(call.x.shape[-2:])} of the "
+                              f"latent's {list(self._latent_shape[-2:])}, as 'Conditioning (Set Area)' makes); the model "
+                              "is not told where that part lies, so CLoRA cannot place its masks in it.",
+                              "for regional prompts beside CLoRA use 'Conditioning (Set Mask)' (full-size), or sample "
+                              "the area prompts with a model that does not come from the CLoRA Attention Masker.")
+
+    def _prompt_chunks(self, call: ModelCall, chunks: list[int], b: int) -> list[int]:
+        """The conditional chunks holding the Masker's base prompt (its ``positive`` output): the ones
+        whose prompt each branch replaces. Other prompts (Conditioning Combine) keep their own."""
+        base = self.branches.contexts[0]
+        length = math.lcm(base.shape[1], call.context.shape[1])
+        ref = fit_tokens(base.to(call.context), length)[0]
+        found = [j for j, kind in enumerate(chunks) if kind == 0
+                 and torch.equal(fit_tokens(call.context[j * b:j * b + 1], length)[0], ref)]
+        if not found and 0 in chunks and not self.clora_trace.masks:
+            raise CMLoRAError(self.node, "positive",
+                              "the sampler's positive conditioning does not hold the Masker's prompt, so no branch "
+                              "knows where its concept is.",
+                              "wire the Masker's 'positive' output into the sampler's positive (Conditioning Combine "
+                              "may add other prompts beside it).")
+        return found
 
     def details(self, trace) -> str:
         text = super().details(trace)
@@ -223,33 +283,39 @@ class CLoRARuntime(Runtime):
         return text
 
     # ------------------------------------------------------------------ passes
-    def _branch_routing(self, rows: int, copies: int) -> Routing:
-        """Copy p of the rows gets subject LoRA p (copy 0: none); style LoRAs by their scope."""
+    def branch_routing(self, rows: int, copies: int) -> Routing:
+        """Copy p of the rows gets subject LoRA p (copy 0: none). Style LoRAs: every copy (scope
+        "global"), or the copies of the chosen subjects (scope "subjects"; all subjects when none are
+        chosen), so after fusion the style acts inside those subjects' masks only."""
         routes = [Route(lora, p * rows, (p + 1) * rows, self.loras[lora].entry.strength_model)
                   for p, lora in enumerate(self.branches.subject_loras, start=1)]
-        first = 0 if self.settings.style_scope == "global" else rows
-        routes += [Route(lora, first, copies * rows, self.loras[lora].entry.strength_model)
-                   for lora in self.branches.style_loras]
+        if self.settings.style_scope == "global":
+            spans = [(0, copies * rows)]
+        else:
+            chosen = self.settings.style_subjects or tuple(range(len(self.branches.subject_loras)))
+            spans = [((p + 1) * rows, (p + 2) * rows) for p in sorted(chosen)]
+        routes += [Route(lora, start, stop, self.loras[lora].entry.strength_model)
+                   for lora in self.branches.style_loras for start, stop in spans]
         return Routing(copies * rows, tuple(routes))
 
-    def _contexts(self, context, chunks, b, copies):
-        """The call's context repeated per branch, cond rows replaced by each branch's prompt."""
+    def _contexts(self, context, mine, b, copies):
+        """The call's context repeated per branch, the Masker prompt's chunks replaced by each branch's prompt."""
         length = math.lcm(*self.widths, context.shape[1])
         base = fit_tokens(context, length)
         out = []
         for p in range(copies):
             ctx = base.clone()
             branch = fit_tokens(self.branches.contexts[p].to(ctx), length)
-            for j, kind in enumerate(chunks):
-                if kind == 0:
-                    ctx[j * b:(j + 1) * b] = branch
+            for j in mine:
+                ctx[j * b:(j + 1) * b] = branch
             out.append(ctx)
         return torch.cat(out)
 
-    def subject_maps(self, maps: list[torch.Tensor], rows: int, b: int, chunks: list[int], size) -> list:
-        """Per subject: its concept tokens' maps (b, h, w) in its own branch, averaged over the
-        captured layers and over the chunks the ``attention`` setting uses."""
-        use = [j for j, kind in enumerate(chunks) if kind == 0 or self.settings.attention == "both"]
+    def subject_maps(self, maps: list[torch.Tensor], rows: int, b: int, chunks: list[int], mine: list[int],
+                     size) -> list:
+        """Per subject: its concept tokens' maps (b, h, w) in its own branch, averaged over the captured
+        layers and over the Masker prompt's chunks (and, with attention "both", the unconditional ones)."""
+        use = mine + ([j for j, kind in enumerate(chunks) if kind == 1] if self.settings.attention == "both" else [])
         subjects = [self.branches.concept_tokens[p].get(p - 1, []) for p in range(1, len(self.widths))]
         return subject_maps(torch.stack(maps).mean(0), subjects, self.widths, rows, b, use, size)
 
@@ -259,27 +325,44 @@ class CLoRARuntime(Runtime):
             h, w = (h + 1) // 2, (w + 1) // 2
         return h, w
 
-    def _branch_forward(self, executor, call: ModelCall, chunks, b, step):
+    def _branch_forward(self, executor, call: ModelCall, chunks, mine, b, step):
         copies = len(self.branches.contexts)
         rows = call.rows
-        branches = call.copies(copies, context=self._contexts(call.context, chunks, b, copies))
+        branches = call.copies(copies, context=self._contexts(call.context, mine, b, copies))
+        branches = dataclasses.replace(branches, options=self.with_capture(branches.options))
         self.trace.call_rows.append(rows * copies)
         self.maps = []
         try:
-            with self.routed.routed(self._branch_routing(rows, copies)):
+            with self.routed.routed(self.branch_routing(rows, copies)):
                 out = branches.run(executor)
             maps = self.maps
         finally:
             self.maps = None
         out = check_finite(out, self.node, self.branch_labels, where=f" at step {step}")
-        size = self._attention_size(call.x)
-        subject = torch.stack([concept_masks(m, self.settings.mask_threshold)
-                               for m in self.subject_maps(maps, rows, b, chunks, size)])
-        masks = branch_masks(subject, tuple(call.x.shape[-2:])).to(out)
+        masks = self._masks(maps, rows, b, chunks, mine, call.x, step)
         outputs = out.reshape(copies, rows, *out.shape[1:])
-        fused = torch.cat([fuse(outputs[:, j * b:(j + 1) * b], masks) for j in range(len(chunks))])
+        if masks is None:  # no mask known yet (see _masks): every branch counts equally
+            fused = outputs.mean(0)
+        else:
+            masks = masks.to(out)
+            fused = torch.cat([fuse(outputs[:, j * b:(j + 1) * b], masks) for j in range(len(chunks))])
+        return fused, masks
+
+    def _masks(self, maps, rows, b, chunks, mine, x, step):
+        """Branch masks (P, b, 1, H, W) for this call: from its own maps when it holds the Masker's prompt;
+        otherwise (the host ran the unconditional rows, or another prompt, in a call of their own) the
+        masks of this step, or of the latest step that had them; None before any."""
+        if not mine:
+            return self._latest_masks
+        size = self._attention_size(x)
+        subject = torch.stack([concept_masks(m, self.settings.mask_threshold)
+                               for m in self.subject_maps(maps, rows, b, chunks, mine, size)])
+        masks = branch_masks(subject, tuple(x.shape[-2:]), self.settings.morphology)
         subject_masks = masks[1:, :, 0].detach()
-        return fused, subject_masks if subject_masks.is_meta else subject_masks.cpu()
+        subject_masks = subject_masks if subject_masks.is_meta else subject_masks.cpu()
+        self.clora_trace.masks[step] = subject_masks
+        self._latest_masks = masks
+        return masks
 
     def _check_exact(self) -> None:
         if self.sampler_name and self.sampler_name not in EXACT_SAMPLERS:
@@ -297,23 +380,35 @@ class CLoRARuntime(Runtime):
             self._grad_params = {n: p.detach().clone() for n, p in unet.named_parameters() if p.is_inference()}
         return self._grad_params
 
-    def update_latent(self, unet, x, sigma: float, timesteps, y, options: dict, step: int, iterations: int):
+    def update_latent(self, unet, x, sigma: float, timesteps, y, options: dict, step: int, iterations: int,
+                      extra=None, uncond_context=None):
         """``iterations`` contrastive gradient steps on the latent x (b, C, H, W) at ``sigma``; the new latent.
 
         Each step runs a loss pass (every branch with its LoRAs, stopped after the last attention
         layer the loss reads) and moves x against the gradient of the NT-Xent loss of the maps.
+        ``extra``: the model's further input channels (an inpainting model's mask and masked image),
+        passed through unchanged. ``uncond_context``: with attention "both", each branch also runs
+        the unconditional prompt and the loss reads the mean of both maps (the reference code).
         """
         copies = len(self.branches.contexts)
         b = x.shape[0]
+        groups = 1 if uncond_context is None else 2
         losses = self.clora_trace.losses.setdefault(step, [])
         scale = x_space_step(self.settings.step_size, sigma)
         model_sampling = self.base_model.model_sampling
-        length = math.lcm(*self.widths)
-        to_loss = {k: v for k, v in options.items() if k not in ("wrappers", "callbacks")}
-        to_loss["cond_or_uncond"] = [0] * copies
+        widths = self.widths + ([uncond_context.shape[1]] if uncond_context is not None else [])
+        length = math.lcm(*widths)
+        to_loss = {k: v for k, v in self.with_capture(options).items() if k not in ("wrappers", "callbacks")}
+        to_loss["cond_or_uncond"] = ([0] + [1] * (groups - 1)) * copies
         with torch.inference_mode(False), torch.enable_grad():
             # everything autograd touches is made here, outside the executor's inference mode
-            ctx = torch.cat([fit_tokens(c, length).to(x.device) for c in self.branches.contexts]).repeat_interleave(b, 0)
+            per_branch = []
+            for c in self.branches.contexts:
+                per_branch.append(fit_tokens(c, length).to(x.device).repeat_interleave(b, 0))
+                if uncond_context is not None:
+                    per_branch.append(fit_tokens(uncond_context.detach().clone(), length).to(x.device))
+            ctx = torch.cat(per_branch)
+            rest = None if extra is None or extra.shape[1] == 0 else extra.detach().clone()
             params = self._plain_params(unet)
             x = x.detach().clone()
             for _ in range(iterations):
@@ -321,21 +416,26 @@ class CLoRARuntime(Runtime):
                 xg = x.clone().requires_grad_(True)
                 xin = model_sampling.calculate_input(torch.tensor(sigma, device=x.device), xg)
                 xin = xin.to(unet.dtype if hasattr(unet, "dtype") and unet.dtype is not None else xin.dtype)
-                t = timesteps.detach().clone().repeat(copies)
-                yy = None if y is None else y[:b].detach().clone().repeat(copies, 1)
+                if rest is not None:
+                    xin = torch.cat([xin, rest.to(xin)], dim=1)
+                t = timesteps.detach().clone().repeat(copies * groups)
+                yy = None if y is None else y[:b].detach().clone().repeat(copies * groups, 1)
                 self.maps, self.loss_pass = [], True
                 try:
                     kwargs = {"context": ctx.to(xin.dtype), "transformer_options": dict(to_loss)}
                     if yy is not None:
                         kwargs["y"] = yy.to(xin.dtype)
-                    with self.routed.routed(self._branch_routing(b, copies)):
-                        torch.func.functional_call(unet, params, (xin.repeat(copies, 1, 1, 1), t), kwargs, strict=False)
+                    with self.routed.routed(self.branch_routing(b * groups, copies)):
+                        torch.func.functional_call(unet, params, (xin.repeat(copies * groups, 1, 1, 1), t), kwargs,
+                                                   strict=False)
                 except _StopLoss:
                     pass
                 finally:
                     maps, self.maps, self.loss_pass = self.maps, None, False
-                loss = contrastive_loss(torch.stack(maps).mean(0), self.branches.concept_tokens, self.widths, b,
-                                        self.settings.temperature)
+                mean = torch.stack(maps).mean(0)  # (copies * groups * b, h*w, L)
+                if groups == 2:  # per branch: the mean of its conditional and unconditional maps
+                    mean = mean.reshape(copies, 2, b, *mean.shape[1:]).mean(1).reshape(copies * b, *mean.shape[1:])
+                loss = contrastive_loss(mean, self.branches.concept_tokens, self.widths, b, self.settings.temperature)
                 grad = torch.autograd.grad(loss, xg)[0]
                 losses.append(_value(loss))
                 x = (x - scale * grad).detach()

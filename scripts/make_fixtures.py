@@ -76,12 +76,12 @@ def _init_(module: torch.nn.Module, seed: int) -> None:
                 b.copy_(torch.arange(b.shape[-1]).expand_as(b))
 
 
-def _sd15_parts(seed: int = 0):
+def _sd15_parts(seed: int = 0, in_channels: int = 4):
     import comfy.sd1_clip
     import comfy.supported_models
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    config = comfy.supported_models.SD15(dict(SD15_UNET))
+    config = comfy.supported_models.SD15({**SD15_UNET, "in_channels": in_channels})
     model = config.get_model({}, device="cpu")
     _init_(model.diffusion_model, seed)
     clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
@@ -98,14 +98,15 @@ def _fp16(sd: dict) -> dict:
     return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items() if v.dtype.is_floating_point}
 
 
-def make_sd15_checkpoint(path: Path, seed: int = 0) -> None:
-    """A single-file checkpoint in the layout of the released SD1.5 files.
+def make_sd15_checkpoint(path: Path, seed: int = 0, in_channels: int = 4) -> None:
+    """A single-file checkpoint in the layout of the released SD1.5 files (``in_channels`` 9: the
+    layout of the SD1.5 inpainting checkpoints, latent + mask + masked image).
 
     Key names are written out here rather than taken from the host's
     ``state_dict_for_saving`` (whose signature changed between host versions), so the file
     is the same whichever host wrote it and every host detects it.
     """
-    model, clip, vae = _sd15_parts(seed)
+    model, clip, vae = _sd15_parts(seed, in_channels)
     sd = {f"model.diffusion_model.{k}": v for k, v in model.diffusion_model.state_dict().items()}
     for k, v in clip.state_dict().items():
         if k.startswith("clip_l.transformer.") and "text_projection" not in k:

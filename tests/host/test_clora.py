@@ -166,7 +166,7 @@ def test_masks_keep_rows_and_columns_on_non_square_maps(sd15):
         for t in runtime.branches.concept_tokens[p][p - 1]:
             maps[p * rows, :, t] = 0.0
             maps[p * rows, w - 1, t] = 1.0  # row 0, last column
-    per_subject = runtime.subject_maps([maps], rows, b, [0, 1], (h, w))
+    per_subject = runtime.subject_maps([maps], rows, b, [0, 1], [0], (h, w))
     a = per_subject[0][0][0]
     assert a.shape == (h, w) and float(a[0, w - 1]) == 1.0 and float(a[1, 0]) == 0.0
 
