@@ -258,6 +258,8 @@ class CLoRARuntime(Runtime):
     def _prompt_chunks(self, call: ModelCall, chunks: list[int], b: int) -> list[int]:
         """The conditional chunks holding the Masker's base prompt (its ``positive`` output): the ones
         whose prompt each branch replaces. Other prompts (Conditioning Combine) keep their own."""
+        if call.context.is_meta:  # a run counted for FLOPs has no values to compare; the count is the same
+            return [j for j, kind in enumerate(chunks) if kind == 0]
         base = self.branches.contexts[0]
         length = math.lcm(base.shape[1], call.context.shape[1])
         ref = fit_tokens(base.to(call.context), length)[0]
