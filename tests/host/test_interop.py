@@ -2,9 +2,12 @@
 Self-Attention Guidance, IPAdapter-style attention patches, area conditioning, inpainting models."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+import comfy.model_management
 import comfy.patcher_extension
 import folder_paths
 import nodes as host_nodes
@@ -123,7 +126,7 @@ def test_shallow_pass_keeps_the_transformer_index_of_the_full_pass(sd15, conds):
 # ------------------------------------------------------------------ CLoRA beside other nodes
 
 from _util import Recorder, stack  # noqa: E402
-from test_clora import PROMPT, masker, negative  # noqa: E402
+from test_clora import masker, negative  # noqa: E402
 
 from comfyui_cmlora.cmlora_core.clora import morphology  # noqa: E402
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError  # noqa: E402
@@ -406,3 +409,71 @@ def test_mask_morphology_applies_3x3_to_each_subjects_mask(sd15):
         masks[op] = runtime_of(model).last_clora.masks[0]
     assert torch.equal(masks["dilate"], morphology(masks["none"], "dilate"))
     assert not torch.equal(masks["dilate"], masks["none"])
+
+
+def _reference_nt_xent(items, concept, temperature=0.5):
+    """pytorch-metric-learning's NTXentLoss on min-max normalised maps, by loops."""
+    z = []
+    for m in items:
+        m = (m - m.min()) / (m.max() - m.min())
+        z.append(m / m.norm())
+    s = [[float(a @ b) / temperature for b in z] for a in z]
+    pairs = []
+    for a in range(len(z)):
+        for p in range(len(z)):
+            if a != p and concept[a] == concept[p]:
+                neg = sum(math.exp(s[a][n]) for n in range(len(z)) if concept[n] != concept[a])
+                pairs.append(-math.log(math.exp(s[a][p]) / (math.exp(s[a][p]) + neg)))
+    return sum(pairs) / len(pairs)
+
+
+def test_attention_both_loss_is_the_mean_of_conditional_and_unconditional_maps(sd15):
+    """The first loss of a run with attention 'both', recomputed here: each branch's LoraLoader model
+    on the sampler's first input with the branch prompt and the negative prompt, maps captured by a
+    plain attn2 patch, averaged over heads, layers and the two prompts, then NT-Xent by loops."""
+    from comfy.ldm.modules.attention import optimized_attention
+    from _util import lora_loader
+    from test_clora import CAT, DOG, STYLE
+
+    outer = Recorder()
+    base = outer.attach(sd15[0])
+    model, positive = masker((base, *sd15[1:]), extra_iterations=0, attention="both")
+    neg = negative(sd15)
+    ksample(model, (positive, neg), steps=2, seed=9)
+    runtime = runtime_of(model)
+    ours = runtime.last_clora.losses[0][0]
+    first = outer.calls[0]
+    kinds = first["cond_or_uncond"]
+    x, t = first["x"][kinds.index(0):kinds.index(0) + 1], first["t"][:1]
+    targets = set(runtime.layers)
+    per_branch = []
+    for p, extra in enumerate([[], [(CAT, 1.0)], [(DOG, 1.0)]]):
+        branch_model = lora_loader(sd15[0], (STYLE, 1.0), *extra)
+        maps = []
+
+        def capture(q, k, v, extra_options):
+            key = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
+            if key in targets:
+                h = extra_options["n_heads"]
+                qh = q.reshape(q.shape[0], q.shape[1], h, -1).transpose(1, 2).float()
+                kh = k.reshape(k.shape[0], k.shape[1], h, -1).transpose(1, 2).float()
+                maps.append((qh @ kh.transpose(-1, -2) * qh.shape[-1] ** -0.5).softmax(-1).mean(1))
+            return optimized_attention(q, k, v, extra_options["n_heads"])
+
+        options = {"patches_replace": {"attn2": {key: capture for key in targets}}}
+        call = {"x": x.repeat(2, 1, 1, 1), "t": t.repeat(2), "y": None,
+                "context": torch.cat([runtime.branches.contexts[p], neg[0][0]])}
+        with torch.no_grad():
+            comfy.model_management.load_models_gpu([branch_model])
+            branch_model.model.diffusion_model(call["x"], call["t"], context=call["context"],
+                                               transformer_options=options)
+        m = torch.stack(maps).mean(0)  # (2 rows: prompt, negative; h*w; tokens)
+        per_branch.append((m[0] + m[1]) / 2)
+    items, concept = [], []
+    for p, by_concept in enumerate(runtime.branches.concept_tokens):
+        for c, positions in by_concept.items():
+            for tok in positions:
+                items.append(per_branch[p][:, tok])
+                concept.append(c)
+    expected = _reference_nt_xent(items, concept)
+    assert ours == pytest.approx(expected, rel=1e-5), (ours, expected)
