@@ -54,7 +54,7 @@ class ModelCall:
         per-row lists follow. ``context`` replaces the repeated context (CLoRA's branch prompts)."""
         b = self.rows
         if n == 1:  # still a call of its own: the forward pops ControlNet's residual lists
-            return replace(self, control=_own_lists(self.control), options=dict(self.options))
+            return replace(self, control=own_lists(self.control), options=dict(self.options))
         options = dict(self.options)
         options["cond_or_uncond"] = list(self.options.get("cond_or_uncond", [])) * n
         options["uuids"] = list(self.options.get("uuids", [])) * n
@@ -64,12 +64,12 @@ class ModelCall:
                          {k: repeat_rows(v, b, n) for k, v in self.extra.items()})
 
 
-def _own_lists(value):
-    """New lists and dicts around the same tensors."""
+def own_lists(value):
+    """New lists and dicts around the same tensors (a forward pops ControlNet's residual lists)."""
     if isinstance(value, list):
-        return [_own_lists(v) for v in value]
+        return [own_lists(v) for v in value]
     if isinstance(value, dict):
-        return {k: _own_lists(v) for k, v in value.items()}
+        return {k: own_lists(v) for k, v in value.items()}
     return value
 
 

@@ -13,6 +13,7 @@ import folder_paths
 import nodes as host_nodes
 
 from _util import ksample
+from comfyui_cmlora.nodes.routed import own_lists
 from comfyui_cmlora.nodes.unet_split import capturing, find_split, shallow_forward
 
 CONTROLNET = "cmlora_tiny_sd15_controlnet.safetensors"
@@ -51,41 +52,32 @@ def freeu(model):
     return host_node(FreeU, model=model, b1=1.3, b2=1.4, s1=0.9, s2=0.2)[0]
 
 
-def _copy_lists(control):
-    if isinstance(control, list):
-        return [_copy_lists(v) for v in control]
-    if isinstance(control, dict):
-        return {k: _copy_lists(v) for k, v in control.items()}
-    return control
-
-
 class ShallowCheck:
     """A DIFFUSION_MODEL wrapper: on every call the host makes, a full pass capturing the deep feature
     and a shallow pass around it, with the call's ControlNet residuals and patches; both kept."""
 
     def __init__(self):
         self.pairs, self.indices = [], []
+        self._pass, self._record = "full", None  # which pass the attn1 patch is recording, and where
 
     def __call__(self, executor, x, t, context, y, control, options, **kwargs):
         unet = executor.class_obj
         split = find_split(unet)
         sink, seen = [], {"full": [], "shallow": []}
         self._record = seen
-        full = executor(x, t, context, y, _copy_lists(control), capturing(dict(options), split, sink), **kwargs)
+        full = executor(x, t, context, y, own_lists(control), capturing(dict(options), split, sink), **kwargs)
         self._pass = "shallow"
-        shallow = shallow_forward(unet, split, x, t, context, y, sink[0], dict(options), _copy_lists(control))
+        shallow = shallow_forward(unet, split, x, t, context, y, sink[0], dict(options), own_lists(control))
         self._pass = "full"
         self.pairs.append((full, shallow))
         self.indices.append(seen)
         self._record = None
         return executor(x, t, context, y, control, options, **kwargs)
 
-    _pass = "full"
-
     def attn1(self, n, context, value, extra_options):
         """An attn1 patch recording which transformer index every output-block layer sees."""
         block = extra_options.get("block")
-        if block is not None and block[0] == "output" and getattr(self, "_record", None) is not None:
+        if block is not None and block[0] == "output" and self._record is not None:
             self._record[self._pass].append((block[1], extra_options["transformer_index"]))
         return n, context, value
 
