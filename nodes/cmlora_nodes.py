@@ -42,7 +42,10 @@ class ProfilerNode(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The prompt to profile with (the one you will sample)."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt."),
                 io.Latent.Input("latent_image", tooltip="The latent size to profile at, e.g. from Empty Latent Image."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="The seed of every profiling run."),
+                # a profile is only valid for the seed it was measured with, so the frontend must not add its
+                # "control after generate" widget (it does for any INT named seed unless told otherwise)
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="The seed of every profiling run; it stays fixed so a saved profile matches it."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="Steps of each profiling run."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Guidance scale."),
                 io.Combo.Input("sampler_name", options=host.SAMPLER_NAMES, tooltip="The sampling algorithm."),
