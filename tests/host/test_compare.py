@@ -1,0 +1,225 @@
+"""CMLoRA Compare Methods on the real host: each tile is the method's own run, labels, FLOP ratios, errors, no leak."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import comfy.model_management
+import comfy.patcher_extension
+import folder_paths
+import nodes as host_nodes
+
+from _util import ksample, stack
+
+from comfyui_cmlora.cmlora_core.errors import CMLoRAError
+from comfyui_cmlora.nodes.apply_nodes import SamplerNode
+from comfyui_cmlora.nodes.cmlora_nodes import SchedulerNode
+from comfyui_cmlora.nodes.compare_nodes import BACKGROUND, CompareMethodsNode, grid_layout
+from comfyui_cmlora.nodes.stack_nodes import LoraStackNode
+
+A, B = "test_kohya.safetensors", "test_locon.safetensors"
+NODE = "CMLoRA Compare Methods"
+STEPS = 3
+SAMPLING = dict(seed=7, steps=STEPS, cfg=5.0, sampler_name="euler", scheduler="normal")
+
+
+@pytest.fixture(autouse=True)
+def temp_dir(tmp_path):
+    """The node's preview goes to the host's temp folder: a folder of this test's own."""
+    before = folder_paths.get_temp_directory()
+    folder_paths.set_temp_directory(str(tmp_path))
+    yield tmp_path
+    folder_paths.set_temp_directory(before)
+
+
+def two_loras():
+    return stack({"lora_name": A, "strength_model": 1.0, "category": "character"},
+                 {"lora_name": B, "strength_model": 0.8, "category": "background"})
+
+
+def schedule_for(st):
+    return SchedulerNode.execute(stack=st, mode="offline", switch_interval=1, cache="deep", refresh="uniform",
+                                 refresh_interval=2, h_to_l_fraction=0.5, online_threshold=0.5, w_dom="constant",
+                                 dominant_full=True, preview_steps=8).args[0]
+
+
+def compare(sd15, conds, st, methods, schedule=None, size=8, batch=1, switch_interval=1, model=None, **sampling):
+    pos, neg = conds
+    return CompareMethodsNode.execute(model=model or sd15[0], stack=st, positive=pos, negative=neg,
+                                      latent_image={"samples": torch.zeros(batch, 4, size, size)}, vae=sd15[2],
+                                      methods=methods, switch_interval=switch_interval, schedule=schedule,
+                                      **{**SAMPLING, **sampling})
+
+
+def alone(sd15, conds, st, method, schedule=None, size=8, batch=1):
+    """The method run on its own: CMLoRA Sampler (the base model: the host's KSampler), then VAE Decode."""
+    pos, neg = conds
+    latent = {"samples": torch.zeros(batch, 4, size, size)}
+    if method == "base":
+        out = host_nodes.KSampler().sample(sd15[0], SAMPLING["seed"], STEPS, SAMPLING["cfg"], "euler", "normal",
+                                           pos, neg, latent)[0]
+        report = ""
+    else:
+        out, report = SamplerNode.execute(model=sd15[0], stack=st, method=method, switch_interval=1,
+                                          schedule=schedule, positive=pos, negative=neg, latent_image=latent,
+                                          denoise=1.0, **SAMPLING).args
+    return host_nodes.VAEDecode().decode(sd15[2], out)[0], report
+
+
+def ratios(report: str) -> dict[str, float]:
+    return {m: float(r) for m, r in re.findall(r"^(\w+): [\d.]+ s .*?, ([\d.]+)x the UNet FLOPs of merge", report, re.M)}
+
+
+def test_each_tile_is_the_method_run_alone_with_labels_and_flop_ratios(sd15, conds, temp_dir):
+    st = two_loras()
+    sched = schedule_for(st)
+    methods = ["base", "merge", "switch", "composite", "cmlora"]
+    out = compare(sd15, conds, st, ", ".join(methods), sched)
+    grid, report = out.args
+    assert grid.shape[0] == 1 and grid.shape[-1] == 3
+    layout = grid_layout(methods, 1, 64, 64)
+    assert tuple(grid.shape[1:3]) == (layout.height, layout.width)
+
+    tiles, cmlora_report = [], ""
+    for col, method in enumerate(methods):
+        x0, y0, x1, y1 = layout.tile_box(col)
+        tile = grid[0, y0:y1, x0:x1]
+        expected, sampler_report = alone(sd15, conds, st, method, sched if method == "cmlora" else None)
+        assert torch.allclose(tile, expected[0], atol=1e-5), (method, (tile - expected[0]).abs().max())
+        tiles.append(tile)
+        if method == "cmlora":
+            cmlora_report = sampler_report
+    # the tiles really differ (each column is its own method, not one image repeated)
+    for i in range(len(tiles)):
+        for j in range(i + 1, len(tiles)):
+            assert not torch.allclose(tiles[i], tiles[j], atol=1e-3), (methods[i], methods[j])
+
+    # labels: text in every strip, a different text under every column
+    strips = []
+    for col in range(len(methods)):
+        x0, y0, x1, y1 = layout.label_box(col)
+        strip = (grid[0, y0:y1, x0:x1] * 255).round().numpy().astype(np.uint8)
+        text_rows = np.nonzero((np.abs(strip.astype(int) - np.array(BACKGROUND)).max(-1) > 60).any(1))[0]
+        assert len(text_rows) >= 3 * 8, (methods[col], len(text_rows))  # three lines of readable height
+        strips.append(strip)
+    for i in range(len(strips)):
+        for j in range(i + 1, len(strips)):
+            assert not np.array_equal(strips[i], strips[j])
+
+    # FLOPs relative to merge, as each run's trace says
+    r = ratios(report)
+    assert list(r) == methods
+    assert r["merge"] == 1.0 and r["base"] == 1.0 and r["switch"] == 1.0
+    assert r["composite"] == 2.0  # one copy of every row per LoRA
+    sampler_ratio = float(re.search(r"this run took ([\d.]+)x the UNet FLOPs of merge", cmlora_report).group(1))
+    assert r["cmlora"] == sampler_ratio and 1.0 < r["cmlora"] < 2.0
+
+    # the preview on the node and the report text
+    assert len(out.ui["images"]) == 1 and (temp_dir / out.ui["images"][0]["filename"]).exists()
+    assert out.ui["text"] == (report,)
+
+
+def test_flop_ratio_follows_the_step_ranges_the_run_had(sd15, conds):
+    """A LoRA on the first half of the steps only: composite runs two copies there and one after."""
+    inputs = {i.id for i in LoraStackNode.define_schema().inputs}
+    if "end_at" not in inputs:
+        pytest.skip("this tree's LoRA Stack has no step ranges")
+    from comfyui_cmlora.cmlora_core.steps import active_range
+    st = stack({"lora_name": A, "strength_model": 1.0, "end_at": 0.5}, (B, 0.8))
+    r = ratios(compare(sd15, conds, st, "merge, composite").args[1])
+    on = active_range(0.0, 0.5, STEPS)
+    assert 0 < len(on) < STEPS
+    copies = sum(2 if s in on else 1 for s in range(STEPS))  # both LoRAs while A is on, B alone after
+    assert r["merge"] == 1.0 and r["composite"] == pytest.approx(copies / STEPS, abs=5e-4)
+
+
+def test_batch_of_two_and_larger_tiles(sd15, conds):
+    st = stack((A, 1.0), (B, 0.7))
+    grid = compare(sd15, conds, st, "composite, merge", size=16, batch=2).args[0]
+    layout = grid_layout(["composite", "merge"], 2, 128, 128)
+    assert tuple(grid.shape[1:3]) == (layout.height, layout.width)
+    assert layout.font > grid_layout(["composite", "merge"], 2, 64, 64).font >= 12  # the text grows with the tiles
+    for col, method in enumerate(["composite", "merge"]):
+        expected, _ = alone(sd15, conds, st, method, size=16, batch=2)
+        for row in range(2):
+            x0, y0, x1, y1 = layout.tile_box(col, row)
+            assert torch.allclose(grid[0, y0:y1, x0:x1], expected[row], atol=1e-5), (method, row)
+
+
+class CallCounter:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, executor, *args, **kwargs):
+        self.calls += 1
+        return executor(*args, **kwargs)
+
+
+def counted(model):
+    counter = CallCounter()
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test-counter", counter)
+    return m, counter
+
+
+@pytest.mark.parametrize("methods,schedule,input,match,steps", [
+    ("merge, nope", None, "methods", r"unknown method 'nope'.*Fix: use only base, merge, switch, composite, cmlora",
+     STEPS),
+    ("", None, "methods", r"lists no method.*Fix: type one or more of", STEPS),
+    (" , ,", None, "methods", r"lists no method", STEPS),
+    ("merge, composite, merge", None, "methods", r"lists merge more than once", STEPS),
+    ("merge, cmlora", None, "schedule", r"methods lists cmlora, which needs a schedule.*Fix: connect a 'CMLoRA "
+                                        r"Frequency Scheduler'.*or remove cmlora from methods", STEPS),
+    ("merge, cmlora", "other", "schedule", r"the schedule was made for the LoRAs", STEPS),
+    ("merge, cmlora", "same", "schedule", r"2 LoRAs need at least 2 steps, the run has 1", 1),  # not after merge ran
+])
+def test_bad_input_is_refused_before_any_sampling(sd15, conds, methods, schedule, input, match, steps):
+    model, counter = counted(sd15[0])
+    st = two_loras()
+    made_for = {"same": st, "other": stack((B, 1.0), (A, 1.0))}  # "other": the same LoRAs in another order
+    sched = schedule_for(made_for[schedule]) if schedule else None
+    with pytest.raises(CMLoRAError, match=match) as e:
+        compare(sd15, conds, st, methods, sched, model=model, steps=steps)
+    assert e.value.node == NODE and e.value.input == input
+    assert str(e.value).startswith(f"[{NODE}] input '{input}'")
+    assert counter.calls == 0  # refused before the first method sampled
+
+
+def test_unused_schedule_is_named_in_the_report(sd15, conds):
+    st = stack((A, 1.0), (B, 1.0))
+    report = compare(sd15, conds, st, "merge", schedule_for(st)).args[1]
+    assert "a schedule is connected but methods does not list cmlora" in report
+
+
+def test_the_model_is_left_as_it_was_after_a_run_and_after_a_failed_one(sd15, conds):
+    model = sd15[0]
+    before = ksample(model, conds, steps=3)
+    weights = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    st = two_loras()
+    compare(sd15, conds, st, "switch, merge, composite, cmlora", schedule_for(st))
+    assert torch.equal(before, ksample(model, conds, steps=3))
+
+    # a run stopped in its second method (switch, with a LoRA folded into the weights at the time)
+    stopping, counter = counted(model)
+
+    class Interrupt:
+        def __call__(self, executor, *args, **kwargs):
+            if counter.calls == STEPS + 2:  # merge's calls (one per step), then switch's second step
+                comfy.model_management.interrupt_current_processing(True)
+            return executor(*args, **kwargs)
+
+    stopping.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test-interrupt", Interrupt())
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            compare(sd15, conds, st, "merge, switch, composite", model=stopping)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert counter.calls == STEPS + 2  # it did stop inside switch's run
+    assert torch.equal(before, ksample(model, conds, steps=3))
+    for k, v in model.model.diffusion_model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert not stopping.wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {}).keys() - {
+        "test-counter", "test-interrupt"}  # nothing of the node's was left on the model it was given
