@@ -15,7 +15,7 @@ from .clora_runtime import Branches, CLoRARuntime, CLoRASettings, attach_clora
 from .checks import check_inputs
 from .host import io
 from .loras import map_clip_lora, map_model_lora
-from .plots import PALETTE
+from .plots import PALETTE, draw_mask_legend, mask_legend
 from .runtime import runtime_of
 from .stack_nodes import Stack
 
@@ -240,4 +240,9 @@ class MaskOutput(io.ComfyNode):
             size = (masks.shape[-2] * 8, masks.shape[-1] * 8)
         up = F.interpolate(masks.reshape(n * b, 1, *masks.shape[-2:]).float(), size=size, mode="nearest")
         up = up.reshape(n, b, *size)
-        return io.NodeOutput(up.reshape(n * b, *size), _overlay(up, image))
+        # which colour is which subject LoRA: drawn on the overlay and shown as the node's text
+        labels = [f"{concept} ({ml.entry.name.rsplit('.', 1)[0]})" for concept, ml in
+                  zip(runtime.branches.concept_names, (runtime.loras[i] for i in runtime.branches.subject_loras))]
+        legend = "Overlay colours: " + "; ".join(mask_legend(labels))
+        return io.NodeOutput(up.reshape(n * b, *size), draw_mask_legend(_overlay(up, image), labels),
+                             ui=host.ui.PreviewText(legend))

@@ -15,7 +15,7 @@ from .apply_nodes import Schedule as ScheduleType
 from .checks import check_inputs, shown
 from .host import io
 from .loras import map_model_lora
-from .plots import profile_plot, timeline_plot
+from .plots import profile_plot, set_lines, timeline_plot
 from .profiling import check_profile, profile_loras
 from .stack_nodes import Stack
 
@@ -146,11 +146,12 @@ class SchedulerNode(io.ComfyNode):
         steps = max(preview_steps, n)
         planner = Planner(schedule, steps)
         plans = [planner.plan(i) for i in range(steps)]
-        short = lambda idx: ", ".join(schedule.names[i].rsplit(".", 1)[0] for i in idx) or "-"  # noqa: E731
-        title = (f"CMLoRA {mode} schedule, cache {cache}, {refresh} refresh, shown for {steps} steps\n"
-                 f"H (early): {short(schedule.high)}   L (late): {short(schedule.low)}")
-        log.info("CMLoRA schedule: %s", title.replace("\n", "; "))
-        return io.NodeOutput(schedule, timeline_plot(list(schedule.names), plans, title))
+        heading = f"CMLoRA {mode} schedule, cache {cache}, {refresh} refresh, {steps} steps shown"
+        if mode == "online":
+            heading += " (the switch to L happens while sampling, when the image's detail drops; not drawn here)"
+        names = list(schedule.names)
+        log.info("CMLoRA schedule: %s; %s", heading, "; ".join(set_lines(names, schedule.high, schedule.low)))
+        return io.NodeOutput(schedule, timeline_plot(names, plans, schedule.high, schedule.low, heading))
 
 
 def _profile_dir() -> str:
