@@ -1,4 +1,4 @@
-"""CLoRA: contrastive attention loss, latent-update plan, attention masks and fusion (SPEC.md 3).
+"""CLoRA: contrastive attention loss, latent-update plan, attention masks and fusion.
 
 Shapes: b = latent batch, P = prompt branches (0 = base prompt, 1..N = one per subject
 LoRA), h*w = tokens of the attention resolution, L = text tokens.

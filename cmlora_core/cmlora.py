@@ -1,4 +1,4 @@
-"""CMLoRA: frequency sets, dominant-LoRA schedules and cache plans (SPEC.md section 2).
+"""CMLoRA: frequency sets, dominant-LoRA schedules and cache plans.
 
 Everything here is a pure function of the number of steps T and the settings, except the
 online mode's phase change, which the runtime reports through ``Planner.observe``.

@@ -1,4 +1,4 @@
-"""Fourier profiling of images and latents (SPEC.md section 2, "Profiling").
+"""Fourier profiling of images and latents.
 
 The measure, as the reference notebook computes it: the image as 8-bit grey (decoded
 images; latents are averaged over their channels as they are) -> centred 2-D FFT -> log

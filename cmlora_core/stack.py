@@ -1,9 +1,10 @@
 """The LoRA stack: an ordered, immutable list of LoRA entries and their settings."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import CMLoRAError
+from .steps import CURVES, active_range, curve_strength
 
 CATEGORIES = ("auto", "character", "clothing", "style", "background", "object")
 
@@ -15,6 +16,9 @@ class LoraEntry:
     ``name`` is the file name as the host lists it (``loras`` folder), ``path`` the resolved
     file; ``category`` one of CATEGORIES; ``concept`` the prompt words the LoRA depicts;
     ``trigger`` its trigger words (from the file's metadata when left empty by the user).
+    ``start``/``end`` limit the LoRA to part of the run (fractions of the steps), ``curve`` and
+    ``strength_end`` ramp its model strength over that part (see ``strength_at``). ``mask``
+    confines the LoRA to a region (method "regions"), its edge softened over ``feather`` pixels.
     """
 
     name: str
@@ -26,6 +30,41 @@ class LoraEntry:
     concept: str = ""
     trigger: str = ""
     info: object = None  # LoraFileInfo, kept for reports
+    start: float = 0.0
+    end: float = 1.0
+    curve: str = "constant"  # one of steps.CURVES
+    strength_end: float = 0.0  # the strength on the last step of the range (curves other than constant)
+    mask: object = field(default=None, compare=False, repr=False)  # (H, W) region for method "regions"
+    feather: float = 0.0  # the mask's soft edge, in the mask's pixels
+
+    def __post_init__(self):
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ValueError(f"step range [{self.start}, {self.end}) is not within 0..1 with start < end")
+        if self.curve not in CURVES:
+            raise ValueError(f"unknown strength curve {self.curve!r}")
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the LoRA's model strength changes during the run."""
+        return self.start > 0.0 or self.end < 1.0 or self.curve != "constant"
+
+    def steps_on(self, total: int) -> range:
+        return active_range(self.start, self.end, total)
+
+    def strength_at(self, step: int, total: int) -> float:
+        """The model strength at ``step`` of a ``total``-step run (0 outside the LoRA's range)."""
+        if not self.scheduled:
+            return self.strength_model
+        return curve_strength(self.strength_model, self.strength_end, self.curve, step, self.steps_on(total))
+
+    def describe_schedule(self) -> str:
+        """The range and curve in words, for reports ('' when the LoRA is on at one strength throughout)."""
+        if not self.scheduled:
+            return ""
+        text = f"steps {self.start:.0%}-{self.end:.0%}"
+        if self.curve != "constant":
+            text += f", strength {self.strength_model:g} -> {self.strength_end:g} ({self.curve})"
+        return text
 
     @property
     def active_model(self) -> bool:

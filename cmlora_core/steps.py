@@ -1,11 +1,13 @@
 """Which LoRA does what at which step: step lookup from sigmas, Switch and Composite rules.
 
-SPEC.md section 1. Steps are counted on the sigma schedule the sampler was given
+Steps are counted on the sigma schedule the sampler was given
 (``transformer_options["sample_sigmas"]``), never by counting model calls, so samplers that
 evaluate the model several times per step, or between schedule points, map every
 evaluation to the step it belongs to.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -80,3 +82,36 @@ def switch_active(step: int, interval: int, n: int) -> int:
 def composite_weights(n: int) -> list[float]:
     """LoRA Composite: every LoRA's prediction counts equally (mean over LoRAs)."""
     return [1.0 / n] * n
+
+
+# ---------------------------------------------------------------- per-LoRA step range and strength curve
+
+CURVES = ("constant", "linear", "smooth")
+
+
+def active_range(start: float, end: float, total: int) -> range:
+    """The steps of a ``total``-step run that a LoRA limited to [start, end) (fractions of the run) is on.
+
+    Step i is on when start <= (i + 0.5) / total < end, i.e. when the middle of the step lies in the
+    range: a range of half the run is on for exactly half of an even number of steps, and the
+    fractions map to the same steps whatever the sampler (steps are found by sigma).
+    """
+    first = next((i for i in range(total) if (i + 0.5) / total >= start), total)
+    stop = next((i for i in range(first, total) if (i + 0.5) / total >= end), total)
+    return range(first, stop)
+
+
+def curve_strength(strength: float, strength_end: float, curve: str, step: int, steps: range) -> float:
+    """The strength at ``step`` of a LoRA on ``steps``: 0 outside them; inside, ``strength`` for the
+    constant curve, else a ramp from ``strength`` on the first step to ``strength_end`` on the last
+    (linear, or smooth: the cosine ease 0.5 - 0.5 cos(pi t))."""
+    if step not in steps:
+        return 0.0
+    if curve == "constant" or len(steps) == 1:
+        return strength
+    t = (step - steps.start) / (len(steps) - 1)
+    if curve == "smooth":
+        t = 0.5 - 0.5 * math.cos(math.pi * t)
+    elif curve != "linear":
+        raise ValueError(f"unknown strength curve {curve!r}")
+    return strength + (strength_end - strength) * t

@@ -146,6 +146,11 @@ class AttentionMasker(io.ComfyNode):
                 mask_threshold, attention, style_scope, mask_morphology="none", style_subjects=""):
         check_inputs(cls, locals())
         entries = list(require_model_entries(stack, NODE))
+        masked = [e.name for e in entries if e.mask is not None]
+        if masked:
+            raise CMLoRAError(NODE, "stack", f"LoRA {', '.join(repr(n) for n in masked)} has a mask from its stack node; "
+                              "CLoRA finds each subject's region from attention itself.",
+                              "disconnect the mask (or use CMLoRA Apply with method 'regions' for masks you draw).")
         subjects = [e for e in entries if e.category != "style"]
         styles = [e for e in entries if e.category == "style"]
         if not subjects:

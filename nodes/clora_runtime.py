@@ -289,14 +289,14 @@ class CLoRARuntime(Runtime):
         """Copy p of the rows gets subject LoRA p (copy 0: none). Style LoRAs: every copy (scope
         "global"), or the copies of the chosen subjects (scope "subjects"; all subjects when none are
         chosen), so after fusion the style acts inside those subjects' masks only."""
-        routes = [Route(lora, p * rows, (p + 1) * rows, self.loras[lora].entry.strength_model)
+        routes = [Route(lora, p * rows, (p + 1) * rows, self.routed.strengths[lora])
                   for p, lora in enumerate(self.branches.subject_loras, start=1)]
         if self.settings.style_scope == "global":
             spans = [(0, copies * rows)]
         else:
             chosen = self.settings.style_subjects or tuple(range(len(self.branches.subject_loras)))
             spans = [((p + 1) * rows, (p + 2) * rows) for p in sorted(chosen)]
-        routes += [Route(lora, start, stop, self.loras[lora].entry.strength_model)
+        routes += [Route(lora, start, stop, self.routed.strengths[lora])
                    for lora in self.branches.style_loras for start, stop in spans]
         return Routing(copies * rows, tuple(routes))
 

@@ -7,7 +7,14 @@
   (the host manages them per forward under dynamic VRAM, or stores them quantized);
 * composite — every LoRA's prediction, averaged: one forward over a copy of the rows per
   LoRA, each copy with its LoRA routed in;
-* cmlora — see ``cmlora_runtime``.
+* cmlora — see ``cmlora_runtime``;
+* regions — each LoRA with a mask predicts inside its mask, the LoRAs without one (or the base
+  model) everywhere else, in one forward over a copy of the rows per region.
+
+Step ranges and strength curves (per stack entry): merge, CMLoRA and CLoRA apply every LoRA at
+its strength for the step (0 outside its range); switch rotates through, and composite
+averages, the LoRAs whose range holds the step; a step no LoRA is on runs the base model.
+Merge with a step range routes the LoRAs in the forward (their strength changes per step).
 
 Composing with other patches: LoRAs the host already patches into the model (``LoraLoader``,
 method merge) are in the weights every row sees, so they stay in every row of every
@@ -17,8 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..cmlora_core.errors import CMLoRAError
-from ..cmlora_core.routing import combine_copies
+from ..cmlora_core.regions import combine_regions, feather, region_weights
+from ..cmlora_core.routing import Route, Routing, combine_copies
 from ..cmlora_core.steps import composite_weights, switch_active
 from . import host
 from .cmlora_runtime import CMLoRARuntime
@@ -40,10 +50,31 @@ class MergeCheck:
 
 
 def merge(clone, loras: list[MappedLora], node: str) -> None:
+    if any(ml.entry.scheduled for ml in loras):
+        ScheduledMergeRuntime(loras, node).attach(clone)
+        return
     for ml in loras:
         clone.add_patches(ml.patches, ml.entry.strength_model)
     clone.add_wrapper_with_key(host.WrappersMP.DIFFUSION_MODEL, new_key("merge"),
                                MergeCheck(node, [ml.entry.name for ml in loras]))
+
+
+class ScheduledMergeRuntime(Runtime):
+    """Merge where a LoRA has a step range or curve: every LoRA routed into every row at its strength
+    for the step (the same sum as the host's merged weights, applied in the forward)."""
+
+    method = "merge"
+
+    def row_factor(self) -> int:
+        return 1
+
+    def model_call(self, executor, call: ModelCall, step: int):
+        indices = [i for i in self.on_at(step) if self.routed.strengths[i] != 0.0]
+        self.trace.call_rows.append(call.rows)
+        with self.routed.routed(self.routed.together(call.rows, indices)):
+            out = call.run(executor)
+        return check_finite(out, self.node, [f"the merged LoRAs {[self.loras[i].entry.name for i in indices]}"],
+                            where=f" at step {step}", by="with")
 
 
 @dataclass
@@ -86,10 +117,15 @@ class SwitchRuntime(Runtime):
         self._route = self._must_route(model_patcher)
 
     def model_call(self, executor, call: ModelCall, step: int):
-        k = switch_active(step, self.interval, len(self.loras))
+        on = self.on_at(step)
         trace = self.trace
-        trace.active[step] = k
         trace.call_rows.append(call.rows)
+        if not on:  # no LoRA's range holds this step: the base model
+            trace.active[step] = None
+            self._unfold()
+            return self.finite(call.run(executor), [], step)
+        k = on[switch_active(step, self.interval, len(on))]
+        trace.active[step] = k
         if self._route:
             trace.routed = True
             with self.routed.routed(self.routed.blocks(call.rows, [k])):
@@ -98,14 +134,15 @@ class SwitchRuntime(Runtime):
         return self.finite(call.run(executor), [k], step)
 
     def _fold(self, k: int) -> None:
-        if self._folded == k:
+        strength = self.routed.strengths[k]
+        if self._folded == (k, strength):
             return
         self._unfold()
         ml = self.loras[k]
         self._buffers.retain(ml.patches)
         for key, patch in ml.patches.items():  # plain float weights: see _must_route
-            self._saved[key] = host.fold_patch(self.base_model, key, patch, ml.entry.strength_model, self._buffers)
-        self._folded = k
+            self._saved[key] = host.fold_patch(self.base_model, key, patch, strength, self._buffers)
+        self._folded = (k, strength)
         self.trace.folds += 1
 
     def _unfold(self) -> None:
@@ -119,7 +156,7 @@ class SwitchRuntime(Runtime):
         self._buffers.clear()
 
     def details(self, trace: SwitchTrace) -> str:
-        order = [trace.active[s] for s in sorted(trace.active)]
+        order = ["base" if trace.active[s] is None else trace.active[s] for s in sorted(trace.active)]
         how = "routed in the forward (the host owns these weights)" if trace.routed else f"{trace.folds} refolds"
         return f", {how}, active LoRA per step: {order}"
 
@@ -128,15 +165,71 @@ class CompositeRuntime(Runtime):
     method = "composite"
 
     def model_call(self, executor, call: ModelCall, step: int):
-        indices = list(range(len(self.loras)))
+        indices = self.on_at(step)
+        if not indices:  # no LoRA's range holds this step: the base model
+            self.trace.call_rows.append(call.rows)
+            return self.finite(call.run(executor), [], step)
         out = self.finite(self.evaluate(executor, call, indices), indices, step)
-        return combine_copies(out, composite_weights(len(self.loras)))
+        return combine_copies(out, composite_weights(len(indices)))
+
+
+class RegionalRuntime(Runtime):
+    """Method "regions": copy 0 of the rows with the LoRAs that have no mask (together, as merged),
+    copy k with the k-th masked LoRA alone; mixed per pixel by the feathered masks."""
+
+    method = "regions"
+
+    def __init__(self, loras: list[MappedLora], node: str):
+        self.masked = [i for i, ml in enumerate(loras) if ml.entry.mask is not None]
+        if not self.masked:
+            raise CMLoRAError(node, "stack", "method 'regions' needs at least one LoRA with a mask; this stack has none.",
+                              "connect a MASK to the 'mask' input of the stack node of each LoRA to confine (or "
+                              "choose another method).")
+        self.unmasked = [i for i in range(len(loras)) if i not in self.masked]
+        # feathered once, at the masks' own resolution; resized per latent size
+        self._feathered = [feather(loras[i].entry.mask, loras[i].entry.feather) for i in self.masked]
+        self._weights: dict = {}
+        super().__init__(loras, node)
+
+    def row_factor(self) -> int:
+        return 1 + len(self.masked)
+
+    def weights(self, on: list[int], size, device) -> torch.Tensor:
+        """(1 + len(on), h, w): the rest, then each masked LoRA in ``on`` (a masked LoRA off at this step
+        leaves its region to the rest)."""
+        key = (tuple(on), tuple(size), device)
+        if key not in self._weights:
+            masks = [self._feathered[self.masked.index(i)] for i in on]
+            w = region_weights(masks, size) if masks else torch.ones(1, *size)
+            self._weights[key] = w.to(device)
+        return self._weights[key]
+
+    def model_call(self, executor, call: ModelCall, step: int):
+        on = self.on_at(step)
+        regions = [i for i in self.masked if i in on]
+        rest = [i for i in self.unmasked if i in on and self.routed.strengths[i] != 0.0]
+        rows, copies = call.rows, 1 + len(regions)
+        routes = [Route(i, 0, rows, self.routed.strengths[i]) for i in rest]
+        routes += [Route(i, k * rows, (k + 1) * rows, self.routed.strengths[i]) for k, i in enumerate(regions, start=1)]
+        self.trace.call_rows.append(rows * copies)
+        with self.routed.routed(Routing(rows * copies, tuple(routes))):
+            out = call.copies(copies).run(executor)
+        labels = [f"the LoRAs without a mask {[self.loras[i].entry.name for i in rest]}" if rest else "the base model"]
+        labels += [f"LoRA '{self.loras[i].entry.name}'" for i in regions]
+        out = check_finite(out, self.node, labels, where=f" at step {step}")
+        return combine_regions(out, self.weights(regions, out.shape[-2:], out.device))
+
+    def details(self, trace: RunTrace) -> str:
+        names = ", ".join(f"'{self.loras[i].entry.name}'" for i in self.masked)
+        rest = ", ".join(f"'{self.loras[i].entry.name}'" for i in self.unmasked) or "the base model"
+        return f", regions: {names} inside their masks, {rest} elsewhere; rows per call: {sorted(set(trace.call_rows))}"
 
 
 RUNTIMES = {
     "switch": lambda loras, node, interval, schedule: SwitchRuntime(loras, node, interval),
     "composite": lambda loras, node, interval, schedule: CompositeRuntime(loras, node),
     "cmlora": lambda loras, node, interval, schedule: CMLoRARuntime(loras, node, schedule),
+    "regions": lambda loras, node, interval, schedule: RegionalRuntime(loras, node),
 }
 METHODS = ("merge", *RUNTIMES)
 
@@ -145,6 +238,11 @@ def apply_method(model, loras: list[MappedLora], method: str, switch_interval: i
     """A clone of ``model`` that composes ``loras`` with ``method``; ``model`` is untouched."""
     if method not in METHODS:
         raise CMLoRAError(node, "method", f"unknown method {method!r}.", f"choose one of {', '.join(METHODS)}.")
+    masked = [ml.entry.name for ml in loras if ml.entry.mask is not None]
+    if masked and method != "regions":
+        raise CMLoRAError(node, "method", f"LoRA {', '.join(repr(n) for n in masked)} has a mask, which method "
+                          f"'{method}' cannot honour.", "set method to 'regions', or disconnect the mask from its "
+                          "stack node.")
     clone = model.clone()
     if method == "merge":
         merge(clone, loras, node)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..cmlora_core.errors import CMLoRAError
-from ..cmlora_core.routing import DenseDelta, LowRankDelta, RoutedLayer, Routing, SumDelta, repeat_rows
+from ..cmlora_core.routing import DenseDelta, LowRankDelta, Route, RoutedLayer, Routing, SumDelta, repeat_rows
 from . import host
 from .loras import MappedLora
 
@@ -117,12 +117,16 @@ class RoutedLoras:
     def __init__(self, loras: list[MappedLora], node: str):
         self.loras, self.node = loras, node
         self.routing: Routing | None = None
+        # the model strength of every LoRA at the step in progress (set by the runtime per model
+        # call; the stack strengths when no LoRA has a step range or curve)
+        self.strengths: list[float] = [ml.entry.strength_model for ml in loras]
         self._built: dict = {}  # "base": the model, "layers": {layer path: {LoRA index: Delta}}
         self._handles: list = []
 
     def for_clone(self) -> "RoutedLoras":
         twin = copy.copy(self)
         twin.routing, twin._handles = None, []
+        twin.strengths = list(self.strengths)
         return twin
 
     # ------------------------------------------------------------------ hooks
@@ -156,8 +160,12 @@ class RoutedLoras:
 
     # ------------------------------------------------------------------ routing
     def blocks(self, rows: int, indices: list[int]) -> Routing:
-        """Copy k of ``rows`` rows gets LoRA ``indices[k]`` at its stack strength."""
-        return Routing.blocks(rows, [(i, self.loras[i].entry.strength_model) for i in indices])
+        """Copy k of ``rows`` rows gets LoRA ``indices[k]`` at its strength for the step."""
+        return Routing.blocks(rows, [(i, self.strengths[i]) for i in indices])
+
+    def together(self, rows: int, indices: list[int]) -> Routing:
+        """Every row gets all LoRAs in ``indices`` at their strengths for the step (a merge in the forward)."""
+        return Routing(rows, tuple(Route(i, 0, rows, self.strengths[i]) for i in indices))
 
     @contextlib.contextmanager
     def routed(self, routing: Routing):

@@ -173,6 +173,7 @@ class RunTrace:
     call_rows: list = field(default_factory=list)  # rows of every forward the method ran
     seconds: float = 0.0
     status: str = "running"
+    strengths: dict = field(default_factory=dict)  # step -> model strength per LoRA (LoRAs with step ranges)
 
 
 class Runtime:
@@ -185,6 +186,7 @@ class Runtime:
         self.loras, self.node = loras, node  # node: the node that made this runtime, named in its errors
         self.key = new_key(self.method)
         self.routed = RoutedLoras(loras, node)
+        self.scheduled = any(ml.entry.scheduled for ml in loras)  # a LoRA has a step range or curve
         self.last_trace: RunTrace | None = None
         self._reset()
 
@@ -303,7 +305,16 @@ class Runtime:
         self.trace.steps = num_steps(sigmas)
         self.trace.model_calls += 1
         host.throw_if_interrupted()
+        if self.scheduled:
+            self.routed.strengths = [ml.entry.strength_at(step, self.trace.steps) for ml in self.loras]
+            self.trace.strengths[step] = tuple(self.routed.strengths)
         return self.model_call(executor, call, step)
+
+    def on_at(self, step: int) -> list[int]:
+        """The LoRAs whose step range holds ``step`` (all of them when no LoRA has a range)."""
+        if not self.scheduled:
+            return list(range(len(self.loras)))
+        return [i for i, ml in enumerate(self.loras) if step in ml.entry.steps_on(self.trace.steps)]
 
     def model_call(self, executor, call: ModelCall, step: int) -> torch.Tensor:
         raise NotImplementedError
@@ -320,7 +331,7 @@ class Runtime:
         return self.routed.forward(executor, call, indices)
 
     def finite(self, out: torch.Tensor, indices: list[int], step: int, blocks=None) -> torch.Tensor:
-        labels = [f"LoRA '{self.loras[i].entry.name}'" for i in indices]
+        labels = [f"LoRA '{self.loras[i].entry.name}'" for i in indices] or ["the base model (no LoRA is on at this step)"]
         return check_finite(out, self.node, labels, blocks, f" at step {step}")
 
     # ---------------------------------------------------------------- report
@@ -330,7 +341,24 @@ class Runtime:
             return "not run yet"
         text = (f"{trace.status}, {trace.steps} steps, {trace.model_calls} diffusion-model calls, "
                 f"{len(self.loras)} LoRAs, {trace.seconds:.2f}s")
-        return text + self.details(trace)
+        return text + self.details(trace) + self.schedule_details(trace)
+
+    def schedule_details(self, trace: RunTrace) -> str:
+        """The steps each LoRA with a step range or curve was on, and its strengths there."""
+        parts = []
+        for i, ml in enumerate(self.loras):
+            if not ml.entry.scheduled:
+                continue
+            on = [s for s in sorted(trace.strengths) if s in ml.entry.steps_on(trace.steps)]
+            if not on:
+                parts.append(f"'{ml.entry.name}' on no step of this run ({ml.entry.describe_schedule()}; "
+                             "widen its range or add steps)")
+                continue
+            values = [trace.strengths[s][i] for s in on]
+            strength = (f"strength {values[0]:g}" if len(set(values)) == 1
+                        else f"strength {values[0]:.2f} -> {values[-1]:.2f}")
+            parts.append(f"'{ml.entry.name}' on steps {on[0]}-{on[-1]}, {strength}")
+        return "; step ranges: " + "; ".join(parts) if parts else ""
 
     def details(self, trace: RunTrace) -> str:
         return f", rows per call: {sorted(set(trace.call_rows))}"

@@ -6,6 +6,7 @@ import logging
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.lora_file import FileCache
 from ..cmlora_core.stack import CATEGORIES, LoraEntry, LoraStack
+from ..cmlora_core.steps import CURVES
 from . import host
 from .checks import check_inputs, check_number, shown
 from .host import io
@@ -20,14 +21,41 @@ LoraStackType = io.Custom("LORA_STACK")
 STRENGTH = 20.0  # the stack node's strength range, -STRENGTH..STRENGTH; LORA_STACK entries are held to it too
 
 
-def make_entry(name, strength_model, strength_clip, enabled, category, concept, trigger, node, input="lora_name") -> LoraEntry:
+def make_entry(name, strength_model, strength_clip, enabled, category, concept, trigger, node, input="lora_name",
+               start_at=0.0, end_at=1.0, strength_curve="constant", strength_model_end=0.0, mask=None,
+               mask_feather=0) -> LoraEntry:
     """A stack entry from checked values (strengths finite and within -STRENGTH..STRENGTH)."""
     if category not in CATEGORIES:
         raise CMLoRAError(node, "category", f"unknown category {category!r}.", f"choose one of {', '.join(CATEGORIES)}.")
+    if strength_curve not in CURVES:
+        raise CMLoRAError(node, "strength_curve", f"unknown curve {strength_curve!r}.", f"choose one of {', '.join(CURVES)}.")
+    if not start_at < end_at:
+        raise CMLoRAError(node, "end_at", f"end_at {end_at:g} is not after start_at {start_at:g}, so the LoRA would "
+                          "be on no step.", "set end_at above start_at (0.5 and 1.0: the second half of the steps).")
+    region = None if mask is None else region_mask(mask, node)
     lf = load_lora_file(name, node, input)
     return LoraEntry(name=name, path=lf.info.path, strength_model=float(strength_model),
                      strength_clip=float(strength_clip), enabled=bool(enabled), category=category,
-                     concept=concept.strip(), trigger=trigger.strip() or lf.info.trigger, info=lf.info)
+                     concept=concept.strip(), trigger=trigger.strip() or lf.info.trigger, info=lf.info,
+                     start=float(start_at), end=float(end_at), curve=strength_curve,
+                     strength_end=float(strength_model_end), mask=region, feather=float(mask_feather))
+
+
+def region_mask(mask, node: str):
+    """The (H, W) region of a MASK input: one mask (a batch of one), values in 0..1."""
+    import torch
+
+    if not torch.is_tensor(mask) or mask.ndim not in (2, 3) or mask.ndim == 3 and mask.shape[0] != 1:
+        shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+        raise CMLoRAError(node, "mask", f"expected one mask, got {shape}.",
+                          "connect a single MASK (e.g. from Load Image (as Mask) or a mask editor), not a batch.")
+    region = (mask[0] if mask.ndim == 3 else mask).detach().float().cpu()
+    if not bool(torch.isfinite(region).all()) or float(region.min()) < 0 or float(region.max()) > 1:
+        raise CMLoRAError(node, "mask", "the mask holds values outside 0..1.", "connect a MASK output (values 0 to 1).")
+    if float(region.max()) == 0.0:
+        raise CMLoRAError(node, "mask", "the mask is empty (all 0), so the LoRA would act nowhere.",
+                          "paint the LoRA's region in the mask, or disconnect it.")
+    return region
 
 
 class LoraStackNode(io.ComfyNode):
@@ -54,6 +82,26 @@ class LoraStackNode(io.ComfyNode):
                 io.String.Input("trigger", default="",
                                 tooltip="Trigger words; left empty, they are read from the file's training metadata.", **host.ADVANCED),
                 Stack.Input("stack", optional=True, tooltip="The stack to append to (leave empty to start one)."),
+                io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="The fraction of the sampling steps before the LoRA turns on (0: from the "
+                                       "first step). Every method honours it.", **host.ADVANCED),
+                io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="The fraction of the steps after which the LoRA turns off (0.5: first half "
+                                       "only, e.g. for turbo or composition LoRAs; 1: to the end).", **host.ADVANCED),
+                io.Combo.Input("strength_curve", options=list(CURVES), default="constant", optional=True,
+                               tooltip="How strength_model changes while the LoRA is on: constant, or a linear or "
+                                       "smooth ramp from strength_model on its first step to strength_model_end "
+                                       "on its last.", **host.ADVANCED),
+                io.Float.Input("strength_model_end", default=0.0, min=-STRENGTH, max=STRENGTH, step=0.01,
+                               optional=True, tooltip="The model strength on the LoRA's last step, for the "
+                                                      "linear and smooth curves.", **host.ADVANCED),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Confines this LoRA to the white part of the mask (method 'regions' of CMLoRA "
+                                      "Apply / Sampler). Outside every mask: the LoRAs without a mask, or the base "
+                                      "model."),
+                io.Int.Input("mask_feather", default=16, min=0, max=512, optional=True,
+                             tooltip="Softens the mask's edge over this many pixels, so the regions blend.",
+                             **host.ADVANCED),
             ],
             outputs=[Stack.Output(display_name="stack", tooltip="The stack with this LoRA appended.")],
         )
@@ -67,11 +115,21 @@ class LoraStackNode(io.ComfyNode):
             return lora_name
 
     @classmethod
-    def execute(cls, lora_name, strength_model, strength_clip, enabled, category, concept, trigger, stack=None):
+    def execute(cls, lora_name, strength_model, strength_clip, enabled, category, concept, trigger, stack=None,
+                start_at=0.0, end_at=1.0, strength_curve="constant", strength_model_end=0.0, mask=None,
+                mask_feather=16):
         node = check_inputs(cls, locals(), looked_up=("lora_name",))
-        entry = make_entry(lora_name, strength_model, strength_clip, enabled, category, concept, trigger, node)
+        entry = make_entry(lora_name, strength_model, strength_clip, enabled, category, concept, trigger, node,
+                           start_at=start_at, end_at=end_at, strength_curve=strength_curve,
+                           strength_model_end=strength_model_end, mask=mask, mask_feather=mask_feather)
         stack = (stack or LoraStack()).append(entry, node)
         text = f"{entry.name}: {entry.info.describe()}" + (f"; trigger '{entry.trigger}'" if entry.trigger else "")
+        if entry.scheduled:
+            text += f"\n{entry.describe_schedule()} (model strength; the text encoder keeps strength_clip)"
+        if entry.mask is not None:
+            covered = float((entry.mask > 0.5).float().mean())
+            text += (f"\nregion: {covered:.0%} of a {entry.mask.shape[1]}x{entry.mask.shape[0]} mask, feather "
+                     f"{mask_feather}px (method 'regions')")
         log.info("CMLoRA stack entry %d: %s", len(stack), text)
         return io.NodeOutput(stack, ui=host.ui.PreviewText(text))
 

@@ -1,4 +1,4 @@
-"""CMLoRA schedules and spectra, against SPEC.md section 2 (host-free)."""
+"""CMLoRA schedules and spectra (host-free)."""
 from __future__ import annotations
 
 import math

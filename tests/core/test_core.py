@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cmlora_core.errors import CMLoRAError
 from cmlora_core.lora_file import FileCache, classify, guess_base, trigger_from_metadata
 from cmlora_core.routing import DenseDelta, LowRankDelta, RoutedLayer, Routing, combine_copies, repeat_rows
-from cmlora_core.steps import composite_weights, step_index, switch_active
+from cmlora_core.steps import active_range, composite_weights, curve_strength, step_index, switch_active
 from cmlora_core.stack import LoraEntry, LoraStack, require_model_entries
 
 
@@ -168,7 +168,7 @@ def test_stack_rules(tmp_path):
         require_model_entries(LoraStack(), "N")
 
 
-# ------------------------------------------------------------------ CLoRA (SPEC.md section 3)
+# ------------------------------------------------------------------ CLoRA
 
 from cmlora_core.clora import (branch_masks, concept_masks, euler_correction, fuse, normalise_maps, nt_xent,  # noqa: E402
                                token_positions, update_plan, x_space_step)
@@ -238,3 +238,51 @@ def test_fusion_formula_and_base_outside_masks():
     assert torch.allclose(fused, (outputs * masks).sum(0) / masks.sum(0))
     assert torch.equal(fused[:, :, 3], outputs[0][:, :, 3])  # in no subject's mask: the base prompt
     assert torch.allclose(fused[:, :, 1], (outputs[1] + outputs[2])[:, :, 1] / 2)  # overlap: the mean
+
+
+# ------------------------------------------------------------------ per-LoRA step ranges and curves
+@pytest.mark.parametrize("start,end,total,expected", [
+    (0.0, 1.0, 5, [0, 1, 2, 3, 4]),
+    (0.0, 0.5, 10, [0, 1, 2, 3, 4]),   # half of an even run: exactly half the steps
+    (0.5, 1.0, 10, [5, 6, 7, 8, 9]),
+    (0.0, 0.5, 7, [0, 1, 2]),          # step 3's middle (3.5/7) is at 0.5: it belongs to the second half
+    (0.5, 1.0, 7, [3, 4, 5, 6]),
+    (0.25, 0.75, 4, [1, 2]),
+    (0.9, 0.95, 4, []),                # narrower than a step: on no step
+])
+def test_active_range_takes_the_steps_whose_middle_lies_in_the_range(start, end, total, expected):
+    assert list(active_range(start, end, total)) == expected
+    # the middles of exactly those steps lie in [start, end)
+    assert [i for i in range(total) if start <= (i + 0.5) / total < end] == expected
+
+
+def test_ranges_split_at_one_point_cover_every_step_once():
+    for total in range(1, 30):
+        for cut in (0.1, 1 / 3, 0.5, 0.77):
+            assert list(active_range(0, cut, total)) + list(active_range(cut, 1, total)) == list(range(total))
+
+
+def test_curve_strength_formulas():
+    steps = range(2, 7)  # five steps on
+    assert [curve_strength(1.0, 0.0, "constant", i, steps) for i in range(8)] == [0, 0, 1, 1, 1, 1, 1, 0]
+    linear = [curve_strength(1.0, 0.2, "linear", i, steps) for i in range(8)]
+    assert linear[:2] == [0, 0] and linear[7] == 0
+    assert linear[2:7] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    smooth = [curve_strength(1.0, 0.2, "smooth", i, steps) for i in steps]
+    assert smooth == pytest.approx([1.0 - 0.8 * (0.5 - 0.5 * math.cos(math.pi * k / 4)) for k in range(5)])
+    assert smooth[2] == pytest.approx(0.6) and smooth[1] > linear[3]  # eases: slower at the ends
+    assert curve_strength(0.7, 0.0, "linear", 3, range(3, 4)) == 0.7  # one step: the start strength
+    with pytest.raises(ValueError):
+        curve_strength(1.0, 0.0, "zigzag", 3, steps)
+
+
+def test_entry_strength_at_and_its_checks():
+    plain = LoraEntry("a", "/a", strength_model=0.8)
+    assert not plain.scheduled and [plain.strength_at(i, 4) for i in range(4)] == [0.8] * 4
+    ranged = LoraEntry("a", "/a", strength_model=0.8, end=0.5, curve="linear", strength_end=0.4)
+    assert ranged.scheduled and [ranged.strength_at(i, 4) for i in range(4)] == pytest.approx([0.8, 0.4, 0, 0])
+    assert ranged.describe_schedule() == "steps 0%-50%, strength 0.8 -> 0.4 (linear)"
+    for bad in (dict(start=0.5, end=0.5), dict(start=-0.1), dict(end=1.5), dict(curve="zigzag")):
+        with pytest.raises(ValueError):
+            LoraEntry("a", "/a", **bad)
+

@@ -8,7 +8,7 @@ import comfy.model_management
 import comfy.sample
 import nodes as host_nodes
 
-from _util import Recorder, apply, diffusion_out, ksample, lora_loader, stack
+from _util import Recorder, apply, diffusion_out, ksample, lora_loader, stack, stepwise_reference
 
 from comfyui_cmlora.cmlora_core.steps import switch_active
 from comfyui_cmlora.nodes.runtime import runtime_of
@@ -79,23 +79,6 @@ def test_switch_under_ksampler_advanced_start_step(sd15, conds):
     _check_switch_calls(model, rec, loras, [1.0, 1.0], interval, sliced)
 
 
-def _stepwise_reference(models, conds, sampler, steps, seed=1):
-    """The run rebuilt from the host's own nodes, one step at a time: step i is a SamplerCustomAdvanced
-    run of ``sampler`` over sigmas[i:i+2] with ``models[i]`` (every evaluation of that step, Heun's
-    corrector at sigma[i+1] included, uses step i's model), fed the previous step's latent."""
-    from comfy_extras import nodes_custom_sampler as cs
-
-    pos, neg = conds
-    sigmas = cs.BasicScheduler.execute(models[0], "normal", steps, 1.0).args[0]
-    ksampler = cs.KSamplerSelect.execute(sampler).args[0]
-    latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    for i in range(steps):
-        noise = cs.RandomNoise.execute(seed).args[0] if i == 0 else cs.DisableNoise.execute().args[0]
-        guider = cs.CFGGuider.execute(models[i], pos, neg, 5.0).args[0]
-        latent = cs.SamplerCustomAdvanced.execute(noise, guider, ksampler, sigmas[i:i + 2], latent).args[0]
-    return latent["samples"]
-
-
 def test_switch_multi_evaluation_sampler(sd15, conds, sampler="heun"):
     """Heun evaluates twice per step, the second time at the next schedule point; both evaluations
     of a step use that step's LoRA. (Heun++ looks two points ahead, which a one-step reference run
@@ -108,11 +91,11 @@ def test_switch_multi_evaluation_sampler(sd15, conds, sampler="heun"):
     assert trace.model_calls > steps  # really several evaluations per step
     assert [trace.active[i] for i in range(steps)] == [0, 1, 0, 1]
     refs = [lora_loader(model, (n, 1.0)) for n in loras]
-    expected = _stepwise_reference([refs[switch_active(i, interval, 2)] for i in range(steps)], conds, sampler, steps)
+    expected = stepwise_reference([refs[switch_active(i, interval, 2)] for i in range(steps)], conds, sampler, steps)
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
     # the rule "by sigma" (the corrector at sigma[i+1] taken as step i+1's) gives another image
     wrong = [refs[switch_active(min(i + 1, steps - 1), interval, 2)] for i in range(steps)]
-    assert not torch.allclose(ours, _stepwise_reference(wrong, conds, sampler, steps), atol=1e-3)
+    assert not torch.allclose(ours, stepwise_reference(wrong, conds, sampler, steps), atol=1e-3)
 
 
 @pytest.mark.parametrize("cfg,batch", [(5.0, 1), (1.0, 1), (5.0, 2)])

@@ -1,0 +1,118 @@
+"""Per-LoRA step ranges and strength curves, on the real host: every method against the run rebuilt
+step by step from the host's own LoraLoader (a LoRA on its steps, the base model off them)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _util import apply, ksample, lora_loader, stack, stepwise_reference
+
+from comfyui_cmlora.cmlora_core.errors import CMLoRAError
+from comfyui_cmlora.cmlora_core.steps import active_range, curve_strength
+from comfyui_cmlora.nodes.apply_nodes import ApplyNode
+from comfyui_cmlora.nodes.cmlora_nodes import SchedulerNode
+from comfyui_cmlora.nodes.runtime import runtime_of
+
+A, B = "test_kohya.safetensors", "test_locon.safetensors"
+STEPS = 6
+
+
+def entry(name, strength=1.0, **kw):
+    return {"lora_name": name, "strength_model": strength, **kw}
+
+
+def patched(model, st, method, interval=1):
+    if method != "cmlora":
+        return apply(model, st, method, interval)
+    sched = SchedulerNode.execute(
+        stack=st, mode="offline", switch_interval=1, cache="deep", refresh="uniform", refresh_interval=2,
+        h_to_l_fraction=0.5, online_threshold=0.5, w_dom="constant", dominant_full=True, preview_steps=8).args[0]
+    return ApplyNode.execute(model=model, stack=st, method="cmlora", switch_interval=1, schedule=sched).args[0]
+
+
+@pytest.mark.parametrize("method", ["merge", "switch", "composite"])
+def test_lora_on_the_first_half_equals_lora_loader_then_the_base_model(sd15, conds, method):
+    model = sd15[0]
+    ours_model = patched(model, stack(entry(A, 0.9, end_at=0.5)), method)
+    ours = ksample(ours_model, conds, steps=STEPS)
+    on = lora_loader(model, (A, 0.9))
+    expected = stepwise_reference([on] * 3 + [model] * 3, conds, "euler", STEPS)
+    assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
+    # not the LoRA throughout, not the base model throughout
+    assert not torch.allclose(ours, ksample(on, conds, steps=STEPS), atol=1e-3)
+    assert not torch.allclose(ours, ksample(model, conds, steps=STEPS), atol=1e-3)
+    trace = runtime_of(ours_model).last_trace
+    assert [trace.strengths[i][0] for i in range(STEPS)] == [0.9, 0.9, 0.9, 0.0, 0.0, 0.0]
+    assert "steps 0-2" in runtime_of(ours_model).report(trace)
+
+
+@pytest.mark.parametrize("method", ["merge", "composite", "switch"])
+@pytest.mark.parametrize("curve", ["linear", "smooth"])
+def test_strength_curve_equals_lora_loader_at_each_steps_strength(sd15, conds, method, curve):
+    model = sd15[0]
+    st = stack(entry(A, 1.2, strength_curve=curve, strength_model_end=0.2, start_at=1 / 6))
+    ours = ksample(patched(model, st, method), conds, steps=STEPS)
+    steps = active_range(1 / 6, 1.0, STEPS)
+    assert list(steps) == [1, 2, 3, 4, 5]
+    strengths = [curve_strength(1.2, 0.2, curve, i, steps) for i in range(STEPS)]
+    assert strengths[0] == 0.0 and strengths[1] == 1.2 and abs(strengths[5] - 0.2) < 1e-9
+    models = [model if s == 0.0 else lora_loader(model, (A, s)) for s in strengths]
+    expected = stepwise_reference(models, conds, "euler", STEPS)
+    assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
+    constant = stepwise_reference([model] + [lora_loader(model, (A, 1.2))] * 5, conds, "euler", STEPS)
+    assert not torch.allclose(ours, constant, atol=1e-3)
+
+
+def test_cmlora_gives_a_lora_strength_zero_off_its_range(sd15, conds):
+    """CMLoRA composes at least two LoRAs, so no LoraLoader run is its reference: A limited to the
+    first half is routed at strength 0 on the second half (its slot is the base model's prediction
+    there), which changes the image against the unlimited stack."""
+    model = sd15[0]
+    limited = patched(model, stack(entry(A, end_at=0.5), entry(B)), "cmlora")
+    out = ksample(limited, conds, steps=STEPS)
+    trace = runtime_of(limited).last_trace
+    assert [trace.strengths[i] for i in range(STEPS)] == [(1.0, 1.0)] * 3 + [(0.0, 1.0)] * 3
+    assert not torch.allclose(out, ksample(patched(model, stack(entry(A), entry(B)), "cmlora"), conds, steps=STEPS),
+                              atol=1e-3)
+
+
+def test_switch_rotates_through_the_loras_on_at_each_step(sd15, conds):
+    """A on the first half, B on the second: switch with interval 1 gives A, A, A, B, B, B."""
+    model = sd15[0]
+    st = stack(entry(A, end_at=0.5), entry(B, 0.8, start_at=0.5))
+    p = patched(model, st, "switch", interval=1)
+    ours = ksample(p, conds, steps=STEPS)
+    trace = runtime_of(p).last_trace
+    assert [trace.active[i] for i in range(STEPS)] == [0, 0, 0, 1, 1, 1]
+    a, b = lora_loader(model, (A, 1.0)), lora_loader(model, (B, 0.8))
+    expected = stepwise_reference([a] * 3 + [b] * 3, conds, "euler", STEPS)
+    assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
+
+
+def test_two_loras_merged_with_ranges_equal_lora_loader_chains_per_step(sd15, conds):
+    model = sd15[0]
+    st = stack(entry(A, 0.7, end_at=2 / 3), entry(B, 0.9, start_at=1 / 3))
+    ours = ksample(patched(model, st, "merge"), conds, steps=STEPS)
+    a, ab, b = lora_loader(model, (A, 0.7)), lora_loader(model, (A, 0.7), (B, 0.9)), lora_loader(model, (B, 0.9))
+    expected = stepwise_reference([a, a, ab, ab, b, b], conds, "euler", STEPS)
+    assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
+
+
+def test_plain_stack_keeps_the_hosts_merge(sd15):
+    """Without a range or curve, merge is the host's own patches (no runtime), as before."""
+    p = apply(sd15[0], stack(entry(A)), "merge")
+    assert runtime_of(p) is None and len(p.patches) > 0
+
+
+def test_a_range_with_no_step_is_reported_and_bad_ranges_are_refused(sd15, conds):
+    model = sd15[0]
+    p = patched(model, stack(entry(A, start_at=0.9, end_at=0.95)), "composite")
+    out = ksample(p, conds, steps=4)  # on no step of a 4-step run: the base model, said in the report
+    assert torch.allclose(out, ksample(model, conds, steps=4), atol=1e-5)
+    assert "on no step of this run" in runtime_of(p).report(runtime_of(p).last_trace)
+    with pytest.raises(CMLoRAError) as e:
+        stack(entry(A, start_at=0.6, end_at=0.4))
+    assert "CMLoRA LoRA Stack" in str(e.value) and "end_at" in str(e.value)
+    with pytest.raises(CMLoRAError) as e:
+        stack(entry(A, strength_curve="zigzag"))
+    assert "strength_curve" in str(e.value)
