@@ -217,7 +217,8 @@ class CompareMethodsNode(io.ComfyNode):
                 io.Combo.Input("scheduler", options=host.SCHEDULER_NAMES, tooltip="How the noise levels are spaced."),
                 io.String.Input("methods", default=DEFAULT_METHODS, multiline=False,
                                 tooltip="The methods to compare, in grid order, separated by commas: merge, switch, "
-                                        "composite, cmlora (needs a schedule), and base (no LoRA) for reference."),
+                                        "composite, cmlora (needs a schedule), regions (LoRAs with masks), and "
+                                        "base (no LoRA) for reference."),
                 io.Int.Input("switch_interval", default=5, min=1, max=1000,
                              tooltip="Switch: steps each LoRA stays active before the next one takes over.",
                              **host.ADVANCED),
@@ -242,6 +243,13 @@ class CompareMethodsNode(io.ComfyNode):
                               "connect a 'CMLoRA Frequency Scheduler' (its stack input is enough) to schedule, or "
                               "remove cmlora from methods.")
         entries = require_model_entries(stack, node)
+        masked = [e.name for e in entries if e.mask is not None]
+        unmasking = [n for n in names if n not in (BASE, "regions")]
+        if masked and unmasking:
+            raise CMLoRAError(node, "methods", f"LoRA {', '.join(repr(n) for n in masked)} has a mask, which only "
+                              f"method regions honours, and methods also lists {', '.join(unmasking)}.",
+                              "list only regions (and base) for this stack, or disconnect the mask from its stack "
+                              "node to compare the other methods.")
         if "cmlora" in names:  # the run's step count too, so that cmlora cannot fail after the other methods ran
             try:
                 check_schedule(schedule, [e.name for e in entries], steps)

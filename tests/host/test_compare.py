@@ -40,6 +40,13 @@ def two_loras():
                  {"lora_name": B, "strength_model": 0.8, "category": "background"})
 
 
+def masked_stack():
+    """A on the left half of the image (no feathering), B everywhere else."""
+    left = torch.zeros(1, 64, 64)
+    left[:, :, :32] = 1.0
+    return stack({"lora_name": A, "strength_model": 1.0, "mask": left, "mask_feather": 0}, (B, 0.8))
+
+
 def schedule_for(st):
     return SchedulerNode.execute(stack=st, mode="offline", switch_interval=1, cache="deep", refresh="uniform",
                                  refresh_interval=2, h_to_l_fraction=0.5, online_threshold=0.5, w_dom="constant",
@@ -136,6 +143,18 @@ def test_flop_ratio_follows_the_step_ranges_the_run_had(sd15, conds):
     assert r["merge"] == 1.0 and r["composite"] == pytest.approx(copies / STEPS, abs=5e-4)
 
 
+def test_regions_tile_and_its_flop_ratio(sd15, conds):
+    """A stack with a mask compares regions with the base model: two copies of the rows per call."""
+    st = masked_stack()
+    grid, report = compare(sd15, conds, st, "regions, base").args
+    layout = grid_layout(["regions", "base"], 1, 64, 64)
+    for col, method in enumerate(["regions", "base"]):
+        expected, _ = alone(sd15, conds, st, method)
+        x0, y0, x1, y1 = layout.tile_box(col)
+        assert torch.allclose(grid[0, y0:y1, x0:x1], expected[0], atol=1e-5), method
+    assert ratios(report) == {"regions": 2.0, "base": 1.0}
+
+
 def test_batch_of_two_and_larger_tiles(sd15, conds):
     st = stack((A, 1.0), (B, 0.7))
     grid = compare(sd15, conds, st, "composite, merge", size=16, batch=2).args[0]
@@ -175,10 +194,13 @@ def counted(model):
                                         r"Frequency Scheduler'.*or remove cmlora from methods", STEPS),
     ("merge, cmlora", "other", "schedule", r"the schedule was made for the LoRAs", STEPS),
     ("merge, cmlora", "same", "schedule", r"2 LoRAs need at least 2 steps, the run has 1", 1),  # not after merge ran
+    ("base, regions, merge", None, "methods", r"has a mask, which only method regions honours, and methods also "
+                                              r"lists merge.*Fix: list only regions \(and base\)", STEPS),
+    ("merge, regions", None, "stack", r"method 'regions' needs at least one LoRA with a mask", STEPS),
 ])
 def test_bad_input_is_refused_before_any_sampling(sd15, conds, methods, schedule, input, match, steps):
     model, counter = counted(sd15[0])
-    st = two_loras()
+    st = masked_stack() if "has a mask" in match else two_loras()
     made_for = {"same": st, "other": stack((B, 1.0), (A, 1.0))}  # "other": the same LoRAs in another order
     sched = schedule_for(made_for[schedule]) if schedule else None
     with pytest.raises(CMLoRAError, match=match) as e:
