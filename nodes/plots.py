@@ -1,8 +1,8 @@
 """Labelled pictures for the graph editor, drawn with Pillow (imported lazily) into IMAGE tensors.
 
-A node's preview shows an image scaled down to the node (a Preview Image node of 460x300
-shows about half size), so the pictures are drawn wide and with large text; names that do
-not fit are shortened with an ellipsis, never cut at the edge.
+A node's preview shows an image scaled down to the node's width (a Preview Image node 300
+pixels wide shows an 800 pixel picture at 3/8 size), so the pictures are 800 pixels wide with
+24-34 pixel text; names that do not fit are shortened with an ellipsis, never cut at the edge.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ PALETTE_NAMES = ["red", "blue", "green", "yellow", "purple", "teal", "pink", "gr
 
 INK, SOFT, FRAME, PAPER = (20, 20, 20), (90, 90, 90), (150, 150, 150), (250, 250, 250)
 TITLE, BODY, SMALL = 34, 28, 24  # font sizes in pixels of the drawn image
-GUTTER = 70  # room left of a chart for its value labels
+GUTTER = 64  # room left of a chart for its value labels
+WIDTH = 800  # of the plot and the timeline: a 300 pixel wide preview shows their text at about 10 px
 
 # the schedule timeline's cells
 SHADE = {"full": (40, 90, 200), "shallow": (160, 190, 235), "reuse": (225, 225, 225)}
@@ -121,13 +122,13 @@ def _panel(draw, box, series, title, x_labels, fonts, mark=None):
         draw.line(pts, fill=colour, width=4)
 
 
-def profile_rows(profile: dict) -> list[tuple[str, str, tuple[int, int, int]]]:
-    """The profile plot's legend: (name, what was found, colour) for the baseline, then each LoRA
-    in stack order."""
-    rows = [("no LoRA (baseline)", f": score {profile['baseline']['score']:.4f}", (0, 0, 0))]
+def profile_rows(profile: dict) -> list[tuple[str, str, str, str, tuple[int, int, int]]]:
+    """The profile plot's legend, a row per curve: (name, set, score, note, colour); the baseline first,
+    then each LoRA in stack order. The note says when the LoRA's category, not its score, chose the set."""
+    rows = [("no LoRA (baseline)", "", f"{profile['baseline']['score']:.4f}", "", (0, 0, 0))]
     for i, e in enumerate(profile["loras"]):
-        why = "" if e.get("category", "auto") == "auto" else f", by category {e['category']}"
-        rows.append((short_name(e["name"]), f": {e['set']}{why}, score {e['score']:.4f}", colour_of(i)[0]))
+        note = "" if e.get("category", "auto") == "auto" else "by category"
+        rows.append((short_name(e["name"]), e["set"], f"{e['score']:.4f}", note, colour_of(i)[0]))
     return rows
 
 
@@ -136,17 +137,17 @@ def profile_plot(profile: dict) -> torch.Tensor:
     from PIL import Image, ImageDraw
 
     body, small = _font(BODY), _font(SMALL)
-    w, margin, gap = 1000, 24, 30
+    w, margin, gap = WIDTH, 20, 24
     panel_w = (w - 2 * margin - gap - 2 * GUTTER) // 2
-    panel_h = 230
+    panel_h = 200
     rows = profile_rows(profile)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     key = _wrap(probe, "H: more fine detail than the baseline, leads the early steps. "
                 "L: broad shapes, leads the late steps.", small, w - 2 * margin)
-    row_h = _line_height(body) + 8
+    row_h = _line_height(body) + 6
     top = margin + _line_height(body) + 8
-    legend_top = top + panel_h + _line_height(small) + 20
-    h = legend_top + row_h * len(rows) + (_line_height(small) + 2) * len(key) + 2 * margin
+    legend_top = top + panel_h + _line_height(small) + 16
+    h = legend_top + row_h * (len(rows) + 1) + (_line_height(small) + 2) * len(key) + 2 * margin
     img = Image.new("RGB", (w, h), PAPER)
     draw = ImageDraw.Draw(img)
     series = [(profile["baseline"], (0, 0, 0))] + [(e, colour_of(i)[0]) for i, e in enumerate(profile["loras"])]
@@ -155,16 +156,29 @@ def profile_plot(profile: dict) -> torch.Tensor:
     cutoff = float(profile.get("cutoff", 0.2))
     x = margin + GUTTER
     _panel(draw, (x, top, x + panel_w, top + panel_h), [(e["profile"], c) for e, c in series],
-           f"Spectrum of the {source}", ("centre", "corners"), (body, small), mark=(cutoff, "scored from here"))
+           f"Spectrum ({source})", ("centre", "corners"), (body, small), mark=(cutoff, "scored"))
     x += panel_w + gap + GUTTER
     _panel(draw, (x, top, x + panel_w, top + panel_h), [(e["curve"], c) for e, c in series],
-           "Detail score of each step", ("step 1", f"step {steps}"), (body, small))
+           "Detail score per step", ("step 1", f"step {steps}"), (body, small))
+    # the legend, a table: line colour, name, set, score, note
+    width = lambda t: draw.textlength(t, font=body)  # noqa: E731
+    note_w = max(width(r[3]) for r in rows)
+    score_w = max(width("score"), *(width(r[2]) for r in rows))
+    set_w = width("set")
+    name_x = margin + 52
+    score_x = w - margin - note_w - (20 if note_w else 0) - score_w
+    set_x = score_x - 24 - set_w
     y = legend_top
-    for name, found, colour in rows:
+    for text, x in (("LoRA", name_x), ("set", set_x), ("score", score_x)):
+        draw.text((x, y), text, fill=SOFT, font=body)
+    y += row_h
+    for name, key_set, score, note, colour in rows:
         draw.line([(margin, y + row_h // 2), (margin + 40, y + row_h // 2)], fill=colour, width=6)
-        room = w - 2 * margin - 52 - draw.textlength(found, font=body)
-        name = _text(draw, (margin + 52, y), name, body, width=max(room, 120))
-        draw.text((margin + 52 + draw.textlength(name, font=body), y), found, fill=INK, font=body)
+        _text(draw, (name_x, y), name, body, width=set_x - 16 - name_x)
+        draw.text((set_x + (set_w - width(key_set)) / 2, y), key_set, fill=SET_COLOUR.get(key_set, INK), font=body)
+        draw.text((score_x + score_w - width(score), y), score, fill=INK, font=body)
+        if note:
+            draw.text((w - margin - width(note), y), note, fill=SOFT, font=body)
         y += row_h
     for line in key:
         draw.text((margin, y + 4), line, fill=SOFT, font=small)
@@ -192,10 +206,12 @@ def timeline_plot(names: list[str], plans: list, high, low, heading: str) -> tor
     from PIL import Image, ImageDraw
 
     title, body, small = _font(TITLE), _font(BODY), _font(SMALL)
-    steps, margin, name_w = len(plans), 24, 260
-    cell = max(3, min(44, (1000 - 2 * margin - name_w) // max(1, steps)))
-    row = 44
-    w = max(1000, margin * 2 + name_w + cell * steps)
+    steps, margin = len(plans), 20
+    longest = max([body.getlength(short_name(n)) for n in names] + [body.getlength("leads")])
+    name_w = int(min(longest + 16, WIDTH * 0.3))
+    cell = max(3, min(44, (WIDTH - 2 * margin - name_w) // max(1, steps)))
+    row = 40
+    w = max(WIDTH, margin * 2 + name_w + cell * steps)
     text_w = w - 2 * margin
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     head = _wrap(probe, heading, title, text_w)

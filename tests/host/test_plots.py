@@ -82,21 +82,20 @@ def test_profile_legend_gives_each_lora_its_set_and_score_and_stays_inside_the_i
     names = ["cat.safetensors", LONG, "mountains.safetensors"]
     profile = _profile(names)
     rows = profile_rows(profile)
-    assert rows[0][0].startswith("no LoRA")
-    for (name, found, colour), e, i in zip(rows[1:], profile["loras"], range(3)):
-        assert name == e["name"].rsplit(".", 1)[0] and f": {e['set']}" in found and f"{e['score']:.4f}" in found
-        assert colour == PALETTE[i]
-    assert "by category background" in rows[3][1]
+    assert rows[0][0].startswith("no LoRA") and rows[0][2] == f"{profile['baseline']['score']:.4f}"
+    for (name, key, score, note, colour), e, i in zip(rows[1:], profile["loras"], range(3)):
+        assert name == e["name"].rsplit(".", 1)[0] and key == e["set"] and score == f"{e['score']:.4f}"
+        assert colour == PALETTE[i] and (note == "by category") == (e["category"] != "auto")
     img = profile_plot(profile)[0].numpy()
     # nothing is drawn in the right margin: the long name was shortened, not cut at the edge
-    assert np.allclose(img[:, -20:, :], PAPER[0] / 255.0)
+    assert np.allclose(img[:, -12:, :], PAPER[0] / 255.0)
 
 
 def test_timeline_names_stay_in_their_column():
     sched, _, plans = _schedule(("character", "style", "background"))
     names = [LONG, "b.safetensors", "c.safetensors"]
     img = timeline_plot(names, plans, sched.high, sched.low, "heading")[0].numpy()
-    assert np.allclose(img[:, -20:, :], PAPER[0] / 255.0)
+    assert np.allclose(img[:, -12:, :], PAPER[0] / 255.0)
 
 
 def test_mask_legend_labels_each_colour():
