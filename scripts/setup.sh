@@ -59,7 +59,9 @@ if [ -n "${COMFYUI_SOURCE:-}" ] && [ -z "${COMFYUI_PATH:-}" ]; then
   # optional torchaudio (no build for torch 2.14 exists; 2.11 imports fine without deps)
   req="$(mktemp)"
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*([<>=~!].*)?$' "$src/requirements.txt" > "$req"
-  printf '%s\n' "${torch_pins[@]}" pytest requests >> "$req"
+  printf '%s\n' "${torch_pins[@]}" >> "$req"
+  # the pack's test tools: the lines after their heading in host-requirements.txt
+  sed -n "/^# the pack's test tools/,\$p" "$repo/scripts/host-requirements.txt" >> "$req"
   sync_packages "$req" install_source_host
   rm -f "$req"
   if [ ! -f "$host/main.py" ] || [ "$src/comfyui_version.py" -nt "$host/.cmlora-copied" ]; then
