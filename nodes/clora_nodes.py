@@ -249,5 +249,6 @@ class MaskOutput(io.ComfyNode):
         labels = [f"{concept} ({ml.entry.name.rsplit('.', 1)[0]})" for concept, ml in
                   zip(runtime.branches.concept_names, (runtime.loras[i] for i in runtime.branches.subject_loras))]
         legend = "Overlay colours: " + "; ".join(mask_legend(labels))
-        return io.NodeOutput(up.reshape(n * b, *size), draw_mask_legend(_overlay(up, image), labels),
+        overlay = draw_mask_legend(_overlay(up, image), labels, short=list(runtime.branches.concept_names))
+        return io.NodeOutput(up.reshape(n * b, *size), overlay,
                              ui=host.ui.PreviewText(legend))

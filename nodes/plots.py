@@ -21,6 +21,7 @@ WIDTH = 800  # of the plot and the timeline: a 300 pixel wide preview shows thei
 # the schedule timeline's cells
 SHADE = {"full": (40, 90, 200), "shallow": (160, 190, 235), "reuse": (225, 225, 225)}
 LEAD = (230, 60, 40)
+SMALL_IMAGE = 256  # overlays smaller than this get only the concept words in their legend
 SET_COLOUR = {"H": (200, 110, 20), "L": (70, 110, 170)}
 SET_WORDS = {"H": "H (early, fine detail)", "L": "L (late, broad shapes)"}
 
@@ -265,16 +266,20 @@ def mask_legend(labels: list[str]) -> list[str]:
     return [f"{colour_of(i)[1]}: {label}" for i, label in enumerate(labels)]
 
 
-def draw_mask_legend(images: torch.Tensor, labels: list[str]) -> torch.Tensor:
+def draw_mask_legend(images: torch.Tensor, labels: list[str], short: list[str] | None = None) -> torch.Tensor:
     """IMAGE (b, H, W, 3) with a legend box (a swatch and a label per subject LoRA, in the overlay's
     colours) in its lower left corner, the text scaled to the image; the pixels outside the box are
-    unchanged. Images under 128 pixels on a side are returned as they are (the node's text says it)."""
+    unchanged. Images under SMALL_IMAGE pixels on a side get the ``short`` labels (the concept words)
+    when given, to cover less of the picture; under 128 pixels they are returned as they are (the
+    node's text says it)."""
     from PIL import Image, ImageDraw
 
     b, h, w, _ = images.shape
     if min(h, w) < 128 or not labels:
         return images
-    font = _font(max(12, min(h, w) // 24))
+    if short is not None and min(h, w) < SMALL_IMAGE:
+        labels = short
+    font = _font(max(10, min(h, w) // 24))
     line = _line_height(font) + 4
     swatch = line - 8
     measure = lambda t: font.getlength(t)  # noqa: E731

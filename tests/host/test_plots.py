@@ -110,6 +110,11 @@ def test_mask_legend_labels_each_colour():
     assert torch.equal(changed[0], changed[1])  # every image of the batch gets it
     pixels = {tuple(round(float(v) * 255) for v in p) for p in out[0][changed[0]]}
     assert {PALETTE[0], PALETTE[1], PALETTE[2]} <= pixels  # one swatch per label
+    # a smaller overlay names only the concepts, covering less of it
+    mid = torch.full((1, 160, 160, 3), 0.5)
+    covered_short = int((draw_mask_legend(mid, labels + [LONG], short=["cat", "dog", "x"]) != mid).any(-1).sum())
+    covered_full = int((draw_mask_legend(mid, labels + [LONG]) != mid).any(-1).sum())
+    assert 0 < covered_short < covered_full
     small = torch.full((1, 64, 64, 3), 0.5)
     assert torch.equal(draw_mask_legend(small, labels), small)  # too small to hold text: left as it is
 
