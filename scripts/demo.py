@@ -1,9 +1,11 @@
 """The main job: run example workflows on a real ComfyUI server (CPU) with generated models.
 
-    python scripts/demo.py [--workflow cmlora_composite] [--out demo_output] [--thumbnails]
+    python scripts/demo.py [--workflow "LoRA Composite - predictions averaged (demo)"] [--out demo_output]
 
 Writes the images and report.md into --out. Run through scripts/demo.sh, which sets up
-the environment and the host first.
+the environment and the host first. The examples that name real checkpoints (SD1.5, SDXL:
+they list a model download, see build_workflows.model_downloads) need weights this machine
+does not have, so the demo runs only the others.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from build_workflows import model_downloads  # noqa: E402
 from comfy_client import Server, output_images, output_texts, ui_to_api  # noqa: E402
 
 
@@ -27,6 +30,15 @@ def prepare_models(host: Path) -> None:
     """Generate the demo checkpoint and LoRAs into the host's models folder (once)."""
     subprocess.run([sys.executable, str(HERE / "make_fixtures.py"), "--models-dir", str(host / "models")],
                    check=True, env={**os.environ, "PYTHONPATH": str(host)}, stdout=subprocess.DEVNULL)
+
+
+def demo_workflows() -> list[str]:
+    """The example workflows that run on the generated models: every one that lists no download."""
+    names = []
+    for path in sorted((REPO / "example_workflows").glob("*.json")):
+        if not model_downloads(json.loads(path.read_text())):
+            names.append(path.stem)
+    return names
 
 
 def run_workflows(server: Server, names: list[str], out: Path, output_dir: Path) -> list[dict]:
@@ -68,11 +80,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run the CMLoRA example workflows on a real ComfyUI server.")
     ap.add_argument("--host", type=Path, required=True, help="the ComfyUI folder (scripts/setup.sh prints it)")
     ap.add_argument("--workflow", action="append",
-                    help="example workflow name (repeatable); default: every example workflow")
+                    help="example workflow name, the file name without .json (repeatable); default: every example "
+                         "that runs on the generated models")
     ap.add_argument("--out", type=Path, default=REPO / "demo_output")
-    ap.add_argument("--thumbnails", action="store_true", help="also refresh example_workflows/*.jpg from the results")
     args = ap.parse_args(argv)
-    names = args.workflow or sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+    names = args.workflow or demo_workflows()
     args.out.mkdir(parents=True, exist_ok=True)
     prepare_models(args.host)
     comfy_out = args.out / "comfy_output"
@@ -80,12 +92,6 @@ def main(argv=None) -> int:
         version = server.get("/system_stats")["system"].get("comfyui_version", "?")
         results = run_workflows(server, names, args.out, comfy_out)
     report = write_report(args.out, results, args.host, version)
-    if args.thumbnails:
-        from PIL import Image
-
-        for r in results:
-            Image.open(r["images"][0]).convert("RGB").resize((256, 256), Image.NEAREST).save(
-                REPO / "example_workflows" / f"{r['workflow']}.jpg", quality=85)
     print(f"demo: {len(results)} workflows ran; images and report in {args.out} ({report.name})")
     return 0
 

@@ -1,0 +1,218 @@
+"""The example workflows in example_workflows/ (written by scripts/build_workflows.py), on the real server.
+
+The template browser shows these files to artists, the demo runs them, and the frontend
+loads their widget values by position, so each must: be what the build script writes; save
+its widget values in the layout the frontend saves for the node's /object_info; link outputs
+to inputs of the same type; run through /prompt (the demo ones) with what its own graph says
+it makes; and (the real-use ones) name the checkpoint to download and LoRAs to replace.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _host import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+from comfy_client import output_images, output_texts, ui_to_api  # noqa: E402
+
+EXAMPLES = REPO / "example_workflows"
+FILES = sorted(EXAMPLES.glob("*.json"))
+FRONTEND_ONLY = {"MarkdownNote", "Note"}  # notes the frontend draws; the server has no such node
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+OUTPUT_NODES = {"SaveImage", "PreviewImage", "MaskPreview", "CMLoRA_CompareMethods"}
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def downloads(workflow: dict) -> list[dict]:
+    """The models a workflow lists for the frontend to download (`properties.models`)."""
+    return [m for n in workflow["nodes"] for m in (n.get("properties") or {}).get("models") or []]
+
+
+DEMO = [p for p in FILES if not downloads(load(p))]
+REAL = [p for p in FILES if downloads(load(p))]
+
+
+def ids(paths):
+    return [p.stem for p in paths]
+
+
+def frontend_widgets(info: dict) -> list[tuple[str, str, dict]]:
+    """(name, kind, options) of each value the frontend saves in widgets_values for a node of
+    this /object_info entry, in order: one per widget input (required, then optional, in
+    input_order), and a 'control after generate' value after an INT or COMBO that asks for
+    one — or an INT named seed / noise_seed that does not say (the frontends' rule)."""
+    out = []
+    order = info.get("input_order", {})
+    for section in ("required", "optional"):
+        for name in order.get(section) or list(info["input"].get(section, {})):
+            spec = info["input"][section][name]
+            kind = "COMBO" if isinstance(spec[0], list) else spec[0]
+            opts = spec[1] if len(spec) > 1 else {}
+            if kind not in WIDGET_TYPES or opts.get("forceInput"):
+                continue
+            if isinstance(spec[0], list):
+                opts = dict(opts, options=spec[0])
+            out.append((name, kind, opts))
+            control = opts.get("control_after_generate")
+            if control is None:
+                control = kind == "INT" and name in ("seed", "noise_seed")
+            if control and kind in ("INT", "COMBO"):
+                out.append((f"{name} (control after generate)", "CONTROL", {}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def test_every_example_has_a_thumbnail_and_the_demo_and_real_use_kinds_exist():
+    assert DEMO and REAL, f"demo examples {ids(DEMO)}, real-use examples {ids(REAL)}"
+    for path in FILES:
+        assert path.with_suffix(".jpg").exists(), f"{path.name} has no thumbnail"
+
+
+def test_examples_are_what_the_build_script_writes(tmp_path):
+    import build_workflows
+
+    build_workflows.write(tmp_path)
+    fresh = sorted(p.name for p in tmp_path.iterdir())
+    assert fresh == sorted(p.name for p in EXAMPLES.iterdir()), "run: python scripts/build_workflows.py"
+    for name in fresh:
+        if name.endswith(".json"):
+            assert (tmp_path / name).read_text() == (EXAMPLES / name).read_text(), \
+                f"{name} differs from what scripts/build_workflows.py writes; run it"
+        else:  # the same drawing, JPEG-encoded here and when committed
+            a = np.asarray(Image.open(tmp_path / name).convert("RGB"), dtype=np.float32)
+            b = np.asarray(Image.open(EXAMPLES / name).convert("RGB"), dtype=np.float32)
+            assert a.shape == b.shape and np.abs(a - b).mean() < 1.0, f"{name} is not the script's drawing"
+
+
+def test_thumbnails_tell_the_examples_apart():
+    """No two thumbnails alike (the template browser showed seven near-identical noise images):
+    somewhere in every pair, an eighth of the picture differs by 20 grey levels on average."""
+    pics = {p.stem: np.asarray(Image.open(p.with_suffix(".jpg")).convert("L").resize((64, 64)), dtype=np.float32)
+            for p in FILES}
+    names = sorted(pics)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            blocks = np.abs(pics[a] - pics[b]).reshape(8, 8, 8, 8).mean(axis=(1, 3))
+            assert blocks.max() > 20.0, f"thumbnails of {a!r} and {b!r} differ by at most {blocks.max():.1f} grey levels"
+
+
+@pytest.mark.parametrize("path", FILES, ids=ids(FILES))
+def test_widget_values_are_saved_as_the_frontend_saves_them(object_info, path):
+    workflow = load(path)
+    for node in workflow["nodes"]:
+        where = f"{path.stem}: node {node['id']} ({node['type']})"
+        if node["type"] in FRONTEND_ONLY:
+            assert len(node["widgets_values"]) == 1 and isinstance(node["widgets_values"][0], str), where
+            continue
+        assert node["type"] in object_info, f"{where}: the server has no such node"
+        expected = frontend_widgets(object_info[node["type"]])
+        values = node.get("widgets_values") or []
+        assert len(values) == len(expected), \
+            f"{where}: {len(values)} widget values for the frontend's {[n for n, _, _ in expected]}"
+        for (name, kind, opts), value in zip(expected, values):
+            what = f"{where}, widget {name}: {value!r}"
+            if kind == "CONTROL":
+                assert value in CONTROL_VALUES, what
+            elif kind == "COMBO":
+                options = opts.get("options", [])
+                if path in DEMO or value in options:
+                    assert value in options, f"{what} is not one of its options"
+                else:  # real-use files name models this machine does not have
+                    assert name in ("ckpt_name", "lora_name"), f"{what} is not one of its options"
+            elif kind == "INT":
+                assert isinstance(value, int) and not isinstance(value, bool), what
+                assert opts.get("min", value) <= value <= opts.get("max", value), what
+            elif kind == "FLOAT":
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), what
+                assert opts.get("min", value) <= value <= opts.get("max", value), what
+            elif kind == "BOOLEAN":
+                assert isinstance(value, bool), what
+            else:
+                assert isinstance(value, str), what
+
+
+@pytest.mark.parametrize("path", FILES, ids=ids(FILES))
+def test_links_join_outputs_and_inputs_of_one_type(object_info, path):
+    workflow = load(path)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for link_id, src, slot, dst, dst_slot, type_ in workflow["links"]:
+        source, target = nodes[src], nodes[dst]
+        assert object_info[source["type"]]["output"][slot] == type_, f"{path.stem}: link {link_id}"
+        assert source["outputs"][slot]["type"] == type_ and link_id in source["outputs"][slot]["links"]
+        socket = target["inputs"][dst_slot]
+        assert socket["link"] == link_id and "widget" not in socket, f"{path.stem}: link {link_id}"
+        schema = object_info[target["type"]]["input"]
+        spec = {**schema.get("required", {}), **schema.get("optional", {})}[socket["name"]]
+        assert spec[0] == type_, f"{path.stem}: link {link_id} brings {type_} to {target['type']}.{socket['name']}"
+
+
+@pytest.mark.parametrize("path", DEMO, ids=ids(DEMO))
+def test_demo_example_runs_through_prompt_api(server, object_info, path):
+    workflow = load(path)
+    entry = server.run(ui_to_api(workflow, object_info))
+    by_type = {}
+    for node in workflow["nodes"]:
+        by_type.setdefault(node["type"], []).append(node)
+    # every output node of the graph showed or saved its images
+    for node in workflow["nodes"]:
+        if node["type"] in OUTPUT_NODES:
+            assert entry["outputs"].get(str(node["id"]), {}).get("images"), f"{node['type']} {node['id']} got no image"
+    assert output_images(entry), "no image saved"
+    width, height, _ = by_type["EmptyLatentImage"][0]["widgets_values"]
+    links = {link[0]: link for link in workflow["links"]}
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for save in by_type["SaveImage"]:
+        (image,) = entry["outputs"][str(save["id"])]["images"]
+        size = Image.open(server.output_dir_path / image.get("subfolder", "") / image["filename"]).size
+        source = nodes[links[save["inputs"][0]["link"]][1]]
+        if source["type"] == "VAEDecode":  # the sampled image, at the latent's size
+            assert size == (width, height)
+        else:  # Compare Methods' grid: a tile per method side by side, labels below
+            n_methods = len(source["widgets_values"][6].split(","))
+            assert source["type"] == "CMLoRA_CompareMethods" and size[0] >= n_methods * width and size[1] > height
+    for sampler in by_type.get("CMLoRA_Sampler", []):
+        method = sampler["widgets_values"][0]
+        n_loras = len(by_type["CMLoRA_LoraStack"])
+        reports = [t for t in output_texts(entry) if t.startswith("method ")]
+        assert reports and reports[0].startswith(f"method {method}, {n_loras} LoRAs"), reports
+        if method == "cmlora":
+            mode = by_type["CMLoRA_FrequencyScheduler"][0]["widgets_values"][0]
+            assert f"({mode}, cache deep)" in reports[0] and "x the UNet FLOPs of merge" in reports[0]
+    if "CLoRA_Masks" in by_type:  # one mask per subject LoRA (the style one has none)
+        preview = next(n for n in workflow["nodes"] if n["type"] == "MaskPreview")
+        subjects = [n for n in by_type["CMLoRA_LoraStack"] if n["widgets_values"][4] != "style"]
+        assert len(entry["outputs"][str(preview["id"])]["images"]) == len(subjects)
+
+
+@pytest.mark.parametrize("path", REAL, ids=ids(REAL))
+def test_real_use_example_offers_its_checkpoint_and_names_placeholder_loras(path):
+    workflow = load(path)
+    (loader,) = [n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    (model,) = loader["properties"]["models"]
+    # the fields and match both frontends read: a listed model whose name is the widget's value
+    assert model["name"] == loader["widgets_values"][0] and model["directory"] == "checkpoints"
+    assert model["url"].startswith("https://huggingface.co/") and model["name"] in model["url"]
+    loras = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "CMLoRA_LoraStack"]
+    assert loras and all(name.startswith("YOUR_") for name in loras), loras
+    notes = " ".join(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "MarkdownNote")
+    assert "YOUR_" in notes and model["name"] in notes and "concept" in notes
+
+
+def test_demo_runs_the_demo_examples_only():
+    import demo
+
+    assert demo.demo_workflows() == ids(DEMO)
