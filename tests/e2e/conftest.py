@@ -1,5 +1,10 @@
-"""End-to-end tests: a real ComfyUI server with the pack and the generated models, shared by the modules."""
+"""End-to-end tests: a real ComfyUI server with the pack and the generated models, shared by the modules;
+and a real browser (Debian's chromium driven by Playwright) for the frontend tests."""
+import os
+import re
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +13,13 @@ from _host import HOST, REPO, import_host
 import_host()
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_client import Server  # noqa: E402
+
+# The browser: Debian's own chromium package, never one Playwright downloads.
+CHROMIUM = Path(os.environ.get("CMLORA_CHROMIUM") or "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+_written: list[Path] = []  # the screenshot folders this session wrote to (printed at the end)
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +30,53 @@ def server(models_dir, tmp_path_factory):
     with Server(HOST, output_dir=tmp / "output", extra_model_paths=paths, log_path=tmp / "comfyui.log") as s:
         s.output_dir_path = tmp / "output"
         yield s
+
+
+def _no_browser(reason: str):
+    """CI (.ci/run sets CMLORA_REQUIRE_BROWSER=1) must run the browser tests: there a missing browser
+    fails them; elsewhere they are skipped with the reason."""
+    if os.environ.get("CMLORA_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (CMLORA_REQUIRE_BROWSER=1: the browser tests must run here)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Chromium from /usr/bin/chromium (or $CMLORA_CHROMIUM) through Playwright, headless, with a fresh
+    profile; each test opens its own context (fresh storage)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _no_browser("Playwright is not installed in this environment: run scripts/setup.sh "
+                    "(it installs the pinned playwright from scripts/host-requirements.txt)")
+    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
+        _no_browser(f"no browser at {CHROMIUM}: install Debian's chromium (apt-get install chromium) "
+                    "or point CMLORA_CHROMIUM at a Chromium binary")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, timeout=120_000)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _host_label() -> str:
+    version = HOST / "comfyui_version.py"
+    found = re.search(r'__version__ = "([^"]+)"', version.read_text()) if version.exists() else None
+    return f"comfyui-{found.group(1)}" if found else HOST.name
+
+
+@pytest.fixture(scope="session")
+def browser_artifacts():
+    """The folder for this host's screenshots, emptied at the start of the session:
+    test-artifacts/browser/comfyui-<version>/ (one folder per host, so CI's two passes keep both)."""
+    folder = ARTIFACTS / _host_label()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    _written.append(folder)
+    return folder
+
+
+def pytest_terminal_summary(terminalreporter):
+    for folder in _written:
+        terminalreporter.write_line(f"browser test screenshots: {folder}")
