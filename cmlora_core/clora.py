@@ -134,6 +134,36 @@ def branch_masks(subject_masks: torch.Tensor, size: tuple[int, int], op: str = "
     return torch.cat([base, up], dim=0)
 
 
+USER_MASK_MODES = ("replace", "add", "limit")
+
+
+def fit_user_masks(masks: torch.Tensor, subjects: int, batch: int, size: tuple[int, int]) -> torch.Tensor:
+    """An artist's masks, one per subject (N, H, W) or one per subject and image (N*b, H, W, subject
+    major, as CLoRA Masks outputs them), at ``size``: (N, b, h, w) in {0, 1}. Each mask is shrunk or
+    grown by area averaging and a pixel is in where at least half of it was (a soft edge from a mask
+    editor lands on one side or the other)."""
+    k = masks.shape[0] // subjects
+    if k * subjects != masks.shape[0] or k not in (1, batch):
+        raise ValueError(f"{masks.shape[0]} masks for {subjects} subjects and {batch} images")
+    m = masks.float().reshape(subjects * k, 1, *masks.shape[-2:])
+    m = F.interpolate(m, size=size, mode="area") if tuple(m.shape[-2:]) != tuple(size) else m
+    m = (m >= 0.5).float().reshape(subjects, k, *size)
+    return m.expand(subjects, batch, *size) if k == 1 else m
+
+
+def combine_user_masks(found: torch.Tensor, drawn: torch.Tensor, mode: str) -> torch.Tensor:
+    """The subject masks CLoRA uses when an artist gives masks: ``replace`` takes the drawn ones,
+    ``add`` the union with the ones found from attention, ``limit`` keeps the found ones only inside
+    the drawn ones. Both (N, b, h, w) in {0, 1}."""
+    if mode == "replace":
+        return drawn
+    if mode == "add":
+        return torch.maximum(found, drawn)
+    if mode == "limit":
+        return found * drawn
+    raise ValueError(f"mask mode must be one of {USER_MASK_MODES}, got {mode!r}")
+
+
 def fuse(outputs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Mask-weighted mean of branch predictions: sum_p M_p * eps_p / sum_p M_p.
 

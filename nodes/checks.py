@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import re
 
 import torch
 
@@ -35,6 +37,8 @@ _LINKED = {
     "LATENT": (lambda v: isinstance(v, dict) and torch.is_tensor(v.get("samples")),
                "a LATENT output, e.g. Empty Latent Image's or a sampler's"),
     "IMAGE": (lambda v: torch.is_tensor(v) and v.ndim == 4, "an IMAGE output, e.g. VAE Decode's"),
+    "MASK": (lambda v: torch.is_tensor(v) and v.ndim in (2, 3),
+             "a MASK output, e.g. Load Image's mask or CLoRA Load Masks'"),
     "CMLORA_STACK": (lambda v: isinstance(v, LoraStack), "the stack output of a 'CMLoRA LoRA Stack' node"),
     "CMLORA_SCHEDULE": (lambda v: isinstance(v, Schedule), "the schedule output of 'CMLoRA Frequency Scheduler'"),
     "CMLORA_PROFILE": (lambda v: isinstance(v, dict), "the profile output of the LoRA Profiler or Load Profile"),
@@ -106,3 +110,29 @@ def check_inputs(cls, values: dict, looked_up: tuple[str, ...] = ()) -> str:
         if inp.id in values and not (inp.optional and values[inp.id] is None):
             check_value(node, inp, values[inp.id])
     return node
+
+
+# ------------------------------------------------------------------ files the pack saves
+
+_SAFE_NAME = re.compile(r"[\w][\w .-]{0,99}")
+
+
+def saved_folder(name: str) -> str:
+    """A folder of the host's output directory where the pack saves files (profiles, masks)."""
+    return os.path.join(host.output_directory(), name)
+
+
+def saved_files(name: str, suffix: str) -> list[str]:
+    """The files ending in ``suffix`` in the output folder ``name``, sorted (none when it does not exist)."""
+    folder = saved_folder(name)
+    return sorted(f for f in os.listdir(folder) if f.endswith(suffix)) if os.path.isdir(folder) else []
+
+
+def save_path(node: str, input_name: str, filename: str, default: str, folder: str, suffix: str) -> str:
+    """Where a save node writes ``filename``: a plain name (no folders) in the output folder, made if needed."""
+    name = filename.strip() or default
+    if not _SAFE_NAME.fullmatch(name):
+        raise CMLoRAError(node, input_name, f"{shown(name)} is not a plain file name.",
+                          "use up to 100 letters, digits, spaces, '-', '_' or '.', without folders.")
+    os.makedirs(saved_folder(folder), exist_ok=True)
+    return os.path.join(saved_folder(folder), f"{name}{suffix}")

@@ -1,18 +1,21 @@
-"""CLoRA nodes: the Attention Masker (patched model) and the masks it found (MASK + overlay)."""
+"""CLoRA nodes: the Attention Masker (patched model), the masks it found (MASK + overlay), and masks
+saved and loaded so a layout is kept across runs."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from ..cmlora_core.clora import MORPHOLOGY, token_positions
+from ..cmlora_core.clora import MORPHOLOGY, USER_MASK_MODES, token_positions
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import require_model_entries
 from . import host
 from .clora_runtime import Branches, CLoRARuntime, CLoRASettings, attach_clora
-from .checks import check_inputs
+from .checks import check_inputs, save_path, saved_files, saved_folder
 from .host import io
 from .loras import map_clip_lora, map_model_lora
 from .plots import PALETTE, draw_mask_legend, mask_legend
@@ -93,6 +96,31 @@ def _chosen_subjects(text: str, concepts: list[str]) -> tuple[int, ...]:
     return tuple(sorted(set(chosen)))
 
 
+def _user_masks(masks, mode: str, concepts: list[str]) -> torch.Tensor | None:
+    """The artist's masks as (N or N*b, H, W) on the CPU, checked against the subjects; None without."""
+    if masks is None:
+        if mode != "replace":
+            raise CMLoRAError(NODE, "mask_mode", f"mask_mode '{mode}' changes your masks, but 'masks' is not connected.",
+                              "connect masks (one per subject LoRA), or set mask_mode back to 'replace'.")
+        return None
+    masks = masks.detach().to("cpu", torch.float32)
+    masks = masks[None] if masks.ndim == 2 else masks
+    n = len(concepts)
+    if masks.ndim != 3 or masks.shape[0] % n:
+        raise CMLoRAError(NODE, "masks", f"got {masks.shape[0] if masks.ndim == 3 else 'a'} mask(s) of shape "
+                          f"{list(masks.shape)} for {n} subject LoRAs ({', '.join(concepts)}).",
+                          f"give one mask per subject LoRA in stack order ({n}), e.g. batch them with the host's "
+                          "mask nodes or use CLoRA Load Masks.")
+    if mode in ("replace", "limit"):
+        k = masks.shape[0] // n
+        empty = [concepts[i // k] for i in range(masks.shape[0]) if not bool((masks[i] >= 0.5).any())]
+        if empty:
+            raise CMLoRAError(NODE, "masks", f"the mask of {', '.join(sorted(set(empty)))} is empty, so with mask_mode "
+                              f"'{mode}' that LoRA would act nowhere.",
+                              "paint its region (at least half-white pixels), or use mask_mode 'add'.")
+    return masks
+
+
 class AttentionMasker(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -133,6 +161,12 @@ class AttentionMasker(io.ComfyNode):
                 io.String.Input("style_subjects", default="", optional=True,
                                 tooltip="With style_scope 'subjects': the concept words of the subjects whose regions "
                                         "get the style LoRAs, comma-separated (empty: every subject).", **host.ADVANCED),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="Your own masks, one per subject LoRA in stack order (e.g. from CLoRA Load "
+                                      "Masks, or the host's mask editor), at the image's aspect ratio."),
+                io.Combo.Input("mask_mode", options=list(USER_MASK_MODES), default="replace", optional=True,
+                               tooltip="With masks: 'replace' uses your masks instead of the ones found from attention; "
+                                       "'add' joins them; 'limit' keeps the found masks only inside yours."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model to sample (euler or ddim for exact updates)."),
@@ -143,14 +177,16 @@ class AttentionMasker(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, stack, prompt, temperature, step_size, stop_fraction, extra_iterations,
-                mask_threshold, attention, style_scope, mask_morphology="none", style_subjects=""):
+                mask_threshold, attention, style_scope, mask_morphology="none", style_subjects="", masks=None,
+                mask_mode="replace"):
         check_inputs(cls, locals())
         entries = list(require_model_entries(stack, NODE))
         masked = [e.name for e in entries if e.mask is not None]
         if masked:
             raise CMLoRAError(NODE, "stack", f"LoRA {', '.join(repr(n) for n in masked)} has a mask from its stack node; "
                               "CLoRA finds each subject's region from attention itself.",
-                              "disconnect the mask (or use CMLoRA Apply with method 'regions' for masks you draw).")
+                              "disconnect it from the stack node and give your masks to this node's 'masks' input "
+                              "(one per subject LoRA).")
         subjects = [e for e in entries if e.category != "style"]
         styles = [e for e in entries if e.category == "style"]
         if not subjects:
@@ -166,8 +202,9 @@ class AttentionMasker(io.ComfyNode):
         if chosen and style_scope != "subjects":
             raise CMLoRAError(NODE, "style_subjects", f"style_subjects names subjects, but style_scope is '{style_scope}'.",
                               "set style_scope to 'subjects', or clear style_subjects.")
+        drawn = _user_masks(masks, mask_mode, concepts)
         settings = CLoRASettings(temperature, step_size, stop_fraction, extra_iterations, mask_threshold, attention,
-                                 style_scope, chosen, mask_morphology)
+                                 style_scope, chosen, mask_morphology, drawn, mask_mode)
         clone = attach_clora(model, mapped, branches, settings)
         for t in texts:
             log.info("CLoRA branch prompt: %s", t)
@@ -252,3 +289,75 @@ class MaskOutput(io.ComfyNode):
         overlay = draw_mask_legend(_overlay(up, image), labels, short=list(runtime.branches.concept_names))
         return io.NodeOutput(up.reshape(n * b, *size), overlay,
                              ui=host.ui.PreviewText(legend))
+
+
+MASK_DIR = "clora_masks"
+
+
+class SaveMasks(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return host.schema(
+            node_id="CLoRA_SaveMasks",
+            search_aliases=['save clora masks', 'save lora masks'],
+            display_name="CLoRA Save Masks",
+            category="sampling/cmlora",
+            description="Keeps a good layout: writes masks (e.g. CLoRA Masks' output) to output/clora_masks, to give "
+                        "them back to CLoRA Attention Masker in later runs through CLoRA Load Masks.",
+            inputs=[
+                io.Mask.Input("masks", tooltip="The masks to keep, one per subject LoRA (CLoRA Masks' 'masks')."),
+                io.String.Input("filename", default="clora_masks",
+                                tooltip="File name (without .safetensors) in output/clora_masks; an existing file of "
+                                        "that name is replaced."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, masks, filename):
+        node = check_inputs(cls, locals())
+        masks = masks[None] if masks.ndim == 2 else masks
+        if masks.shape[0] == 0 or not bool(torch.isfinite(masks).all()) or masks.min() < 0 or masks.max() > 1:
+            raise CMLoRAError(node, "masks", "the masks are empty or hold values outside 0..1.",
+                              "connect a MASK output, e.g. CLoRA Masks' 'masks'.")
+        path = save_path(node, "filename", filename, "clora_masks", MASK_DIR, ".safetensors")
+        safetensors.torch.save_file({"masks": masks.detach().to("cpu", torch.float32).contiguous()}, path,
+                                    metadata={"format": "clora_masks"})
+        return io.NodeOutput(ui=host.ui.PreviewText(f"saved {masks.shape[0]} masks of "
+                                                    f"{masks.shape[2]}x{masks.shape[1]} to {path}"))
+
+
+class LoadMasks(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return host.schema(
+            node_id="CLoRA_LoadMasks",
+            search_aliases=['load clora masks', 'load lora masks'],
+            display_name="CLoRA Load Masks",
+            category="sampling/cmlora",
+            description="Reads masks saved by CLoRA Save Masks; connect them to CLoRA Attention Masker's 'masks' "
+                        "to keep a layout (mask_mode 'replace') or to steer the one it finds ('add', 'limit').",
+            inputs=[io.Combo.Input("masks_file", options=saved_files(MASK_DIR, ".safetensors"),
+                                   tooltip="A file from output/clora_masks.")],
+            outputs=[io.Mask.Output(display_name="masks", tooltip="The saved masks, in the order they were saved.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, masks_file):
+        known = masks_file in saved_files(MASK_DIR, ".safetensors")
+        return os.path.getmtime(os.path.join(saved_folder(MASK_DIR), masks_file)) if known else masks_file
+
+    @classmethod
+    def execute(cls, masks_file):
+        node = check_inputs(cls, locals())  # the name is one of the folder's files
+        path = os.path.join(saved_folder(MASK_DIR), masks_file)
+        try:
+            masks = host.load_file(path)["masks"]
+        except Exception as e:  # a broken or foreign file: any reader error is the same mistake
+            raise CMLoRAError(node, "masks_file", f"could not read masks from {masks_file} ({type(e).__name__}).",
+                              "pick a file written by CLoRA Save Masks.") from e
+        if masks.ndim != 3 or not masks.is_floating_point():
+            raise CMLoRAError(node, "masks_file", f"{masks_file} holds a {masks.dtype} tensor of shape "
+                              f"{list(masks.shape)}, not masks.", "pick a file written by CLoRA Save Masks.")
+        return io.NodeOutput(masks.float().clamp(0, 1))

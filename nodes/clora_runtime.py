@@ -20,9 +20,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from ..cmlora_core.clora import (attention_probs, branch_masks, concept_masks, contrastive_loss, euler_correction,
-                                 fit_tokens, fuse, subject_maps, update_plan, x_space_step)
+from ..cmlora_core.clora import (attention_probs, branch_masks, combine_user_masks, concept_masks, contrastive_loss,
+                                 euler_correction, fit_tokens, fit_user_masks, fuse, subject_maps, update_plan,
+                                 x_space_step)
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.routing import Route, Routing
 from . import host
@@ -49,6 +51,8 @@ class CLoRASettings:
     style_scope: str = "global"  # or "subjects"
     style_subjects: tuple = ()  # with scope "subjects": the subjects (indices) whose regions get the style; () = all
     morphology: str = "none"  # 3x3 morphology of each subject mask: none, dilate, erode, open, close
+    user_masks: torch.Tensor | None = None  # an artist's masks (N or N*b, H, W), subject major
+    user_mask_mode: str = "replace"  # with user_masks: replace, add (union) or limit (intersection)
 
 
 @dataclass
@@ -354,17 +358,39 @@ class CLoRARuntime(Runtime):
         """Branch masks (P, b, 1, H, W) for this call: from its own maps when it holds the Masker's prompt;
         otherwise (the host ran the unconditional rows, or another prompt, in a call of their own) the
         masks of this step, or of the latest step that had them; None before any."""
-        if not mine:
+        latent = tuple(x.shape[-2:])
+        replace = self.settings.user_masks is not None and self.settings.user_mask_mode == "replace"
+        if not mine and not replace:
             return self._latest_masks
-        size = self._attention_size(x)
-        subject = torch.stack([concept_masks(m, self.settings.mask_threshold)
-                               for m in self.subject_maps(maps, rows, b, chunks, mine, size)])
-        masks = branch_masks(subject, tuple(x.shape[-2:]), self.settings.morphology)
+        if replace:  # the artist's masks from the first call on, whatever the call holds
+            subject = self._drawn(latent, b)
+        else:
+            size = self._attention_size(x)
+            subject = torch.stack([concept_masks(m, self.settings.mask_threshold)
+                                   for m in self.subject_maps(maps, rows, b, chunks, mine, size)])
+            if self.settings.user_masks is not None:
+                found = F.interpolate(subject, size=latent, mode="nearest")
+                subject = combine_user_masks(found, self._drawn(latent, b).to(found), self.settings.user_mask_mode)
+        masks = branch_masks(subject, latent, self.settings.morphology)
         subject_masks = masks[1:, :, 0].detach()
         subject_masks = subject_masks if subject_masks.is_meta else subject_masks.cpu()
         self.clora_trace.masks[step] = subject_masks
         self._latest_masks = masks
         return masks
+
+    def _drawn(self, size: tuple[int, int], b: int) -> torch.Tensor:
+        """The artist's masks at latent ``size`` for ``b`` images: (N, b, h, w) in {0, 1}."""
+        drawn = self.settings.user_masks
+        n = len(self.branches.subject_loras)
+        (mh, mw), (h, w) = drawn.shape[-2:], size
+        if abs(mh * w - mw * h) > 0.02 * mh * w:
+            raise CMLoRAError(self.node, "masks", f"the masks are {mw}x{mh} pixels, the image {w * 8}x{h * 8}: "
+                              "their shapes differ, so each mask would be stretched off its subject.",
+                              "draw the masks at the image's size (or the same aspect ratio).")
+        if drawn.shape[0] not in (n, n * b):
+            raise CMLoRAError(self.node, "masks", f"{drawn.shape[0]} masks for {n} subject LoRAs and a batch of {b}.",
+                              f"give one mask per subject LoRA ({n}), or one per subject and image ({n * b}).")
+        return fit_user_masks(drawn, n, b, size)
 
     def _check_exact(self) -> None:
         if self.sampler_name and self.sampler_name not in EXACT_SAMPLERS:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 
 from ..cmlora_core.cmlora import (CACHES, MODES, REFRESH, W_DOM, Planner, Schedule, ScheduleMismatch, ScheduleSettings,
                                   check_schedule, sets_from_categories)
@@ -12,7 +11,7 @@ from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import require_model_entries
 from . import host
 from .apply_nodes import Schedule as ScheduleType
-from .checks import check_inputs, shown
+from .checks import check_inputs, save_path, saved_files, saved_folder
 from .host import io
 from .loras import map_model_lora
 from .plots import profile_plot, set_lines, timeline_plot
@@ -154,18 +153,6 @@ class SchedulerNode(io.ComfyNode):
         return io.NodeOutput(schedule, timeline_plot(names, plans, schedule.high, schedule.low, heading))
 
 
-def _profile_dir() -> str:
-    return os.path.join(host.output_directory(), PROFILE_DIR)
-
-
-def _profile_files() -> list[str]:
-    folder = _profile_dir()
-    return sorted(f for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
-
-
-_SAFE_NAME = re.compile(r"[\w][\w .-]{0,99}")
-
-
 class SaveProfile(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -187,12 +174,7 @@ class SaveProfile(io.ComfyNode):
     def execute(cls, profile, filename):
         node = check_inputs(cls, locals())
         profile = check_profile(profile, node)
-        name = filename.strip() or "profile"
-        if not _SAFE_NAME.fullmatch(name):
-            raise CMLoRAError(node, "filename", f"{shown(name)} is not a plain file name.",
-                              "use up to 100 letters, digits, spaces, '-', '_' or '.', without folders.")
-        os.makedirs(_profile_dir(), exist_ok=True)
-        path = os.path.join(_profile_dir(), f"{name}.json")
+        path = save_path(node, "filename", filename, "profile", PROFILE_DIR, ".json")
         with open(path, "w") as f:
             json.dump(profile, f, indent=1)
         return io.NodeOutput(ui=host.ui.PreviewText(f"saved {path}"))
@@ -201,7 +183,7 @@ class SaveProfile(io.ComfyNode):
 class LoadProfile(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        files = _profile_files()
+        files = saved_files(PROFILE_DIR, ".json")
         return host.schema(
             node_id="CMLoRA_LoadProfile",
             search_aliases=['load lora profile'],
@@ -214,13 +196,14 @@ class LoadProfile(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, profile_file):
-        path = os.path.join(_profile_dir(), profile_file) if profile_file in _profile_files() else None
+        known = profile_file in saved_files(PROFILE_DIR, ".json")
+        path = os.path.join(saved_folder(PROFILE_DIR), profile_file) if known else None
         return os.path.getmtime(path) if path else profile_file
 
     @classmethod
     def execute(cls, profile_file):
         node = check_inputs(cls, locals())  # the name is one of the folder's files
-        path = os.path.join(_profile_dir(), profile_file)
+        path = os.path.join(saved_folder(PROFILE_DIR), profile_file)
         try:
             with open(path, encoding="utf-8") as f:
                 profile = json.load(f)

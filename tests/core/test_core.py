@@ -170,7 +170,8 @@ def test_stack_rules(tmp_path):
 
 # ------------------------------------------------------------------ CLoRA
 
-from cmlora_core.clora import (branch_masks, concept_masks, euler_correction, fuse, normalise_maps, nt_xent,  # noqa: E402
+from cmlora_core.clora import (branch_masks, combine_user_masks, concept_masks, euler_correction, fit_user_masks,  # noqa: E402
+                               fuse, normalise_maps, nt_xent,
                                token_positions, update_plan, x_space_step)
 
 
@@ -238,6 +239,29 @@ def test_fusion_formula_and_base_outside_masks():
     assert torch.allclose(fused, (outputs * masks).sum(0) / masks.sum(0))
     assert torch.equal(fused[:, :, 3], outputs[0][:, :, 3])  # in no subject's mask: the base prompt
     assert torch.allclose(fused[:, :, 1], (outputs[1] + outputs[2])[:, :, 1] / 2)  # overlap: the mean
+
+
+def test_user_masks_fit_the_latent_and_combine_with_the_found_ones():
+    drawn = torch.zeros(2, 16, 32)  # 2 subjects, a 2:1 image
+    drawn[0, :, :16] = 1.0  # left half
+    drawn[1, :, 16:] = 0.6  # right half, soft: in (at least half white)
+    drawn[1, :, 12:16] = 0.4  # a soft band: out
+    fit = fit_user_masks(drawn, subjects=2, batch=3, size=(2, 4))
+    assert fit.shape == (2, 3, 2, 4)
+    assert fit[0, 2].tolist() == [[1, 1, 0, 0]] * 2 and fit[1, 0].tolist() == [[0, 0, 1, 1]] * 2
+    # one mask per subject and image, subject major
+    per_image = torch.cat([drawn[:1], drawn[:1].flip(-1), drawn[1:], drawn[1:].flip(-1)])
+    fit = fit_user_masks(per_image, subjects=2, batch=2, size=(2, 4))
+    assert fit[0, 1].tolist() == [[0, 0, 1, 1]] * 2 and fit[1, 1].tolist() == [[1, 1, 0, 0]] * 2
+    with pytest.raises(ValueError, match="3 masks for 2 subjects"):
+        fit_user_masks(drawn[:1].expand(3, -1, -1), subjects=2, batch=1, size=(2, 4))
+    found = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    mine = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    assert torch.equal(combine_user_masks(found, mine, "replace"), mine)
+    assert combine_user_masks(found, mine, "add").tolist() == [[[[1, 1], [0, 0]]]]
+    assert combine_user_masks(torch.ones_like(found), mine, "limit").tolist() == [[[[1, 1], [0, 0]]]]
+    with pytest.raises(ValueError, match="mask mode"):
+        combine_user_masks(found, mine, "both")
 
 
 # ------------------------------------------------------------------ per-LoRA step ranges and curves

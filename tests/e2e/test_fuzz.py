@@ -21,7 +21,7 @@ PER_INPUT = 2  # values tried per input
 CKPT = "cmlora_tiny_sd15.safetensors"
 PACK_NODES = {"CMLoRA_LoraStack", "CMLoRA_StackFromLoraStack", "CMLoRA_ApplyClip", "CMLoRA_Apply", "CMLoRA_Sampler",
               "CMLoRA_Profiler", "CMLoRA_FrequencyScheduler", "CMLoRA_SaveProfile", "CMLoRA_LoadProfile",
-              "CLoRA_AttentionMasker", "CLoRA_Masks"}
+              "CLoRA_AttentionMasker", "CLoRA_Masks", "CLoRA_SaveMasks", "CLoRA_LoadMasks", "CMLoRA_CompareMethods"}
 
 
 def _graph(load_profile: bool) -> dict:
@@ -72,6 +72,10 @@ def _graph(load_profile: bool) -> dict:
                 denoise=1.0, **sampling),
         "42": n("CLoRA_Masks", model=["40", 0], samples=["41", 0], step=-1),
         "43": n("PreviewImage", images=["42", 1]),
+        "44": n("CLoRA_SaveMasks", masks=["42", 0], filename="fuzz"),
+        # Compare Methods
+        "70": n("CMLoRA_CompareMethods", model=["1", 0], stack=["11", 0], positive=["2", 0], negative=["3", 0],
+                latent_image=["4", 0], vae=["1", 2], methods="merge, composite", switch_interval=1, **sampling),
     }
     if load_profile:
         g["50"] = n("CMLoRA_LoadProfile", profile_file="fuzz.json")
@@ -79,6 +83,8 @@ def _graph(load_profile: bool) -> dict:
                     refresh="uniform", refresh_interval=1, h_to_l_fraction=0.5, online_threshold=0.5,
                     w_dom="decay", dominant_full=False, preview_steps=4)
         g["52"] = n("PreviewImage", images=["51", 1])
+        g["53"] = n("CLoRA_LoadMasks", masks_file="fuzz.safetensors")
+        g["54"] = n("MaskPreview", mask=["53", 0])
     return g
 
 
@@ -96,6 +102,7 @@ FILES = {  # damaged, foreign or outside files for the file-name inputs
     "lora_name": ["test_not_a_lora.safetensors", "test_corrupt.safetensors", "test_sdxl_kohya.safetensors",
                   "../checkpoints/" + CKPT, "/etc/passwd"],
     "profile_file": ["../" + CKPT, "/etc/passwd"],
+    "masks_file": ["../" + CKPT, "/etc/passwd"],
 }
 
 

@@ -13,7 +13,7 @@ from comfy_client import ui_to_api  # noqa: E402
 
 NODE_IDS = ["CMLoRA_LoraStack", "CMLoRA_StackFromLoraStack", "CMLoRA_ApplyClip", "CMLoRA_Apply", "CMLoRA_Sampler",
             "CMLoRA_Profiler", "CMLoRA_FrequencyScheduler", "CMLoRA_SaveProfile", "CMLoRA_LoadProfile",
-            "CLoRA_AttentionMasker", "CLoRA_Masks", "CMLoRA_CompareMethods"]
+            "CLoRA_AttentionMasker", "CLoRA_Masks", "CLoRA_SaveMasks", "CLoRA_LoadMasks", "CMLoRA_CompareMethods"]
 
 
 def test_object_info_lists_every_node_with_tooltips(server):

@@ -26,6 +26,7 @@ const MAX_ROWS = 12; // a longer report scrolls
 // the pack's nodes whose execute() returns ui=PreviewText(...) (tests/e2e/test_ui_nodes.py checks this list)
 const REPORTING = [
   "CMLoRA_LoraStack", "CMLoRA_Sampler", "CMLoRA_SaveProfile", "CMLoRA_CompareMethods", "CLoRA_Masks",
+  "CLoRA_SaveMasks",
 ];
 
 function isOurs(node) {
