@@ -110,6 +110,9 @@ class Server:
         return result
 
 
+FRONTEND_ONLY = ("Note", "MarkdownNote")  # drawn by the frontend, never sent to the server
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """Convert a UI-format workflow (what the editor saves) to the API prompt format.
 
@@ -120,7 +123,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     links = {l[0]: l for l in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
-        if node.get("mode", 0) in (2, 4):  # muted / bypassed
+        if node.get("mode", 0) in (2, 4) or node["type"] in FRONTEND_ONLY:  # muted / bypassed / notes
             continue
         info = object_info[node["type"]]
         linked = {i["name"]: i.get("link") for i in node.get("inputs", [])}

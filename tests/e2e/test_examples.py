@@ -26,6 +26,7 @@ FILES = sorted(EXAMPLES.glob("*.json"))
 FRONTEND_ONLY = {"MarkdownNote", "Note"}  # notes the frontend draws; the server has no such node
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+DEMO_SIZE = 64  # pixels: the demo examples' image size
 OUTPUT_NODES = {"SaveImage", "PreviewImage", "MaskPreview", "CMLoRA_CompareMethods"}
 
 
@@ -44,6 +45,29 @@ REAL = [p for p in FILES if downloads(load(p))]
 
 def ids(paths):
     return [p.stem for p in paths]
+
+
+def with_demo_files(workflow: dict) -> dict | None:
+    """An SD1.5 real-use example with the generated demo files in place of what the artist downloads
+    (its checkpoint, the YOUR_... LoRAs, in order) and the demo's 64-pixel image (the demo checkpoint
+    has SD1.5's full-size UNet: 512 pixels take about ten minutes on two CPU cores), everything else as
+    saved. None for other base models (the SDXL example needs a full SDXL checkpoint with both text
+    encoders, which the fixtures do not make)."""
+    import build_workflows
+
+    workflow = json.loads(json.dumps(workflow))
+    demo_loras = iter(lora.file for lora in build_workflows.DEMO_LORAS)
+    for node in workflow["nodes"]:
+        models = (node.get("properties") or {}).pop("models", None)
+        if models:
+            if not all(m["name"] == build_workflows.SD15["name"] for m in models):
+                return None
+            node["widgets_values"][0] = build_workflows.DEMO_CKPT
+        if node["type"] == "CMLoRA_LoraStack" and node["widgets_values"][0].startswith("YOUR_"):
+            node["widgets_values"][0] = next(demo_loras)
+        if node["type"] == "EmptyLatentImage":
+            node["widgets_values"][:2] = [DEMO_SIZE, DEMO_SIZE]
+    return workflow
 
 
 def frontend_widgets(info: dict) -> list[tuple[str, str, dict]]:
@@ -210,6 +234,20 @@ def test_real_use_example_offers_its_checkpoint_and_names_placeholder_loras(path
     assert loras and all(name.startswith("YOUR_") for name in loras), loras
     notes = " ".join(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "MarkdownNote")
     assert "YOUR_" in notes and model["name"] in notes and "concept" in notes
+
+
+def test_sd15_real_use_example_runs_with_the_demo_files(server, object_info):
+    """The SD1.5 example as saved (20 steps, profiler and scheduler) on the demo checkpoint and LoRAs at
+    64 pixels: the prompt validates and runs, the image and the schedule's timeline come out."""
+    (path,) = [p for p in REAL if p.stem.startswith("SD1.5")]
+    workflow = with_demo_files(load(path))
+    assert workflow is not None and not downloads(workflow)
+    entry = server.run(ui_to_api(workflow, object_info))
+    (image,) = output_images(entry)
+    assert Image.open(server.output_dir_path / image.get("subfolder", "") / image["filename"]).size == (DEMO_SIZE,) * 2
+    reports = [t for t in output_texts(entry) if t.startswith("method ")]
+    assert reports and reports[0].startswith("method cmlora, 3 LoRAs, 20 steps"), reports
+    assert len(output_images(entry, "temp")) == 1  # the schedule timeline preview
 
 
 def test_demo_runs_the_demo_examples_only():
