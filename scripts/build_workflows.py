@@ -109,6 +109,7 @@ NODE_TYPES: dict[str, tuple[list, list]] = {
         W("temperature", "FLOAT", 0.5), W("step_size", "FLOAT", 20.0), W("stop_fraction", "FLOAT", 0.5),
         W("extra_iterations", "INT", 20), W("mask_threshold", "FLOAT", 0.4), W("attention", "COMBO", "conditional"),
         W("style_scope", "COMBO", "global"), W("mask_morphology", "COMBO", "none"), W("style_subjects", "STRING", ""),
+        Socket("masks", "MASK"), W("mask_mode", "COMBO", "replace"),
     ], [("model", "MODEL"), ("positive", "CONDITIONING")]),
     "CMLoRA_CompareMethods": ([
         Socket("model", "MODEL"), Socket("stack", "CMLORA_STACK"), Socket("positive", "CONDITIONING"),
@@ -140,7 +141,7 @@ NODE_TYPES: dict[str, tuple[list, list]] = {
 SIZES = {
     "CheckpointLoaderSimple": (320, 100), "CMLoRA_LoraStack": (330, 330), "CMLoRA_ApplyClip": (260, 50),
     "CMLoRA_Apply": (320, 120), "CMLoRA_Sampler": (330, 420), "CMLoRA_Profiler": (330, 260),
-    "CMLoRA_FrequencyScheduler": (330, 300), "CLoRA_AttentionMasker": (350, 350), "CLoRA_Masks": (270, 100),
+    "CMLoRA_FrequencyScheduler": (330, 300), "CLoRA_AttentionMasker": (350, 400), "CLoRA_Masks": (270, 100),
     "CMLoRA_CompareMethods": (340, 440),
     "CLIPTextEncode": (320, 120), "EmptyLatentImage": (320, 110), "KSampler": (320, 270), "VAEDecode": (230, 50),
     "SaveImage": (260, 270), "PreviewImage": (260, 260), "MaskPreview": (260, 260), "MarkdownNote": (420, 300),
@@ -151,7 +152,7 @@ SIZES = {
 # images, which Nodes 2.0 shows at the node's full width (a square image: width + header).
 BUDGET = {
     "CheckpointLoaderSimple": 150, "CMLoRA_LoraStack": 500, "CMLoRA_ApplyClip": 120, "CMLoRA_Apply": 200,
-    "CMLoRA_Sampler": 560, "CMLoRA_Profiler": 350, "CMLoRA_FrequencyScheduler": 390, "CLoRA_AttentionMasker": 430,
+    "CMLoRA_Sampler": 560, "CMLoRA_Profiler": 350, "CMLoRA_FrequencyScheduler": 390, "CLoRA_AttentionMasker": 480,
     "CLoRA_Masks": 260, "CMLoRA_CompareMethods": 640, "CLIPTextEncode": 170, "EmptyLatentImage": 170, "KSampler": 320, "VAEDecode": 100,
     "SaveImage": 350, "PreviewImage": 340, "MaskPreview": 340,
 }
