@@ -22,9 +22,9 @@ never compared.
 Screenshots of each workflow x view are kept in test-artifacts/browser/comfyui-<version>/ (printed at
 the end of the run), with the page's console log (<workflow>.console.log). Examples that name real
 checkpoints (a node lists weights to download in `properties.models`, as ComfyUI's own templates do)
-cannot run here as saved. The SD1.5 one runs with the generated demo checkpoint and LoRAs in place of
-its download and its YOUR_... placeholders (test_examples.with_demo_files); the others (SDXL: the
-fixtures make no full SDXL checkpoint) are loaded and converted in both views, then skipped.
+cannot run here as saved: each is loaded and converted as saved, then run with the generated demo
+checkpoint and LoRAs in place of its download and its YOUR_... placeholders, at the demo's 64 pixels
+(test_examples.with_demo_files; the SDXL example's graph runs on the SD1.5 demo model).
 """
 from __future__ import annotations
 
@@ -292,24 +292,20 @@ def check_reports_show(page, workflow: dict, reported: dict, vue: bool, shots: s
 def test_example_runs_from_the_frontend(browser, server, browser_artifacts, path):
     name = path.stem
     workflow = json.loads(path.read_text())
-    weights = needs_real_weights(workflow)
-    if weights and (substituted := with_demo_files(workflow)) is not None:
-        workflow, weights = substituted, []  # the SD1.5 example, on the demo checkpoint and LoRAs
     log: list[str] = []
     context, page = open_frontend(browser, server, log)
     shots = str(browser_artifacts / f"{name}-nodes2")
     try:
-        # Nodes 2.0 (on from the page's start): load, convert, run; the reports arrive live
         wait_for_view(page, True)
+        if needs_real_weights(workflow):
+            # a real-use example loads and converts as saved (the frontend offers its download), then
+            # runs on the demo checkpoint and LoRAs (see with_demo_files)
+            load_and_convert(page, workflow, True)
+            page.screenshot(path=f"{shots}-as-saved.png")
+            workflow = with_demo_files(workflow)
+        # Nodes 2.0 (on from the page's start): load, convert, run; the reports arrive live
         where = f"{name} (Nodes 2.0 view)"
         prompt = load_and_convert(page, workflow, True)
-        if weights:
-            page.screenshot(path=f"{shots}.png")
-            set_view(page, False)
-            shots = str(browser_artifacts / f"{name}-classic")
-            load_and_convert(page, workflow, False)
-            page.screenshot(path=f"{shots}.png")
-            pytest.skip(f"{name} names real weights ({', '.join(weights)}): loaded and converted in both views, not run")
         forget_results(server)  # a run answered from the cache would report nothing to check
         entry = queue_and_wait(page, server, prompt, where)
         page.screenshot(path=f"{shots}.png")

@@ -27,6 +27,7 @@ FRONTEND_ONLY = {"MarkdownNote", "Note"}  # notes the frontend draws; the server
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 DEMO_SIZE = 64  # pixels: the demo examples' image size
+DEMO_CLORA_STEPS, DEMO_CLORA_EXTRA_ITERATIONS = 6, 3  # the CLoRA demo's
 OUTPUT_NODES = {"SaveImage", "PreviewImage", "MaskPreview", "CMLoRA_CompareMethods"}
 
 
@@ -47,26 +48,32 @@ def ids(paths):
     return [p.stem for p in paths]
 
 
-def with_demo_files(workflow: dict) -> dict | None:
-    """An SD1.5 real-use example with the generated demo files in place of what the artist downloads
-    (its checkpoint, the YOUR_... LoRAs, in order) and the demo's 64-pixel image (the demo checkpoint
-    has SD1.5's full-size UNet: 512 pixels take about ten minutes on two CPU cores), everything else as
-    saved. None for other base models (the SDXL example needs a full SDXL checkpoint with both text
-    encoders, which the fixtures do not make)."""
+def with_demo_files(workflow: dict) -> dict:
+    """A real-use example with the generated demo files in place of what the artist downloads: the SD1.5
+    demo checkpoint for its checkpoint, the demo LoRAs (in order) for its YOUR_... placeholders, and the
+    demo's 64-pixel image (the demo checkpoint has SD1.5's full-size UNet: 512 pixels took over ten
+    minutes on two CPU cores); with CLoRA also the demo's steps and extra iterations (its latent updates
+    differentiate through the full-size UNet: the example's 30 steps and 20 extra iterations ran at
+    minutes per step here). Every other node, link and value as saved. The SDXL example's graph thus
+    runs on an SD1.5 model: the fixtures make no full SDXL checkpoint (both text encoders at full size),
+    and CLoRA on an SDXL UNet is tested in tests/host/test_interop.py."""
     import build_workflows
 
     workflow = json.loads(json.dumps(workflow))
     demo_loras = iter(lora.file for lora in build_workflows.DEMO_LORAS)
     for node in workflow["nodes"]:
-        models = (node.get("properties") or {}).pop("models", None)
-        if models:
-            if not all(m["name"] == build_workflows.SD15["name"] for m in models):
-                return None
+        if (node.get("properties") or {}).pop("models", None):
             node["widgets_values"][0] = build_workflows.DEMO_CKPT
         if node["type"] == "CMLoRA_LoraStack" and node["widgets_values"][0].startswith("YOUR_"):
             node["widgets_values"][0] = next(demo_loras)
         if node["type"] == "EmptyLatentImage":
             node["widgets_values"][:2] = [DEMO_SIZE, DEMO_SIZE]
+    masker = [n for n in workflow["nodes"] if n["type"] == "CLoRA_AttentionMasker"]
+    if masker:  # CLoRA's updates differentiate through the UNet: the demo's steps and extra iterations
+        masker[0]["widgets_values"][4] = DEMO_CLORA_EXTRA_ITERATIONS
+        for node in workflow["nodes"]:
+            if node["type"] == "KSampler":
+                node["widgets_values"][2] = DEMO_CLORA_STEPS
     return workflow
 
 
@@ -236,18 +243,23 @@ def test_real_use_example_offers_its_checkpoint_and_names_placeholder_loras(path
     assert "YOUR_" in notes and model["name"] in notes and "concept" in notes
 
 
-def test_sd15_real_use_example_runs_with_the_demo_files(server, object_info):
-    """The SD1.5 example as saved (20 steps, profiler and scheduler) on the demo checkpoint and LoRAs at
-    64 pixels: the prompt validates and runs, the image and the schedule's timeline come out."""
-    (path,) = [p for p in REAL if p.stem.startswith("SD1.5")]
+@pytest.mark.parametrize("path", REAL, ids=ids(REAL))
+def test_real_use_example_runs_with_the_demo_files(server, object_info, path):
+    """The example as saved (with_demo_files says what it changes) on the demo checkpoint and LoRAs: the
+    prompt validates and runs, and what its graph shows comes out."""
     workflow = with_demo_files(load(path))
-    assert workflow is not None and not downloads(workflow)
+    assert not downloads(workflow)
     entry = server.run(ui_to_api(workflow, object_info))
     (image,) = output_images(entry)
     assert Image.open(server.output_dir_path / image.get("subfolder", "") / image["filename"]).size == (DEMO_SIZE,) * 2
-    reports = [t for t in output_texts(entry) if t.startswith("method ")]
-    assert reports and reports[0].startswith("method cmlora, 3 LoRAs, 20 steps"), reports
-    assert len(output_images(entry, "temp")) == 1  # the schedule timeline preview
+    types = {n["type"] for n in workflow["nodes"]}
+    if "CMLoRA_Sampler" in types:  # SD1.5: profiler, scheduler, CMLoRA Sampler
+        reports = [t for t in output_texts(entry) if t.startswith("method ")]
+        assert reports and reports[0].startswith("method cmlora, 3 LoRAs, 20 steps"), reports
+        assert len(output_images(entry, "temp")) == 1  # the schedule timeline preview
+    else:  # SDXL: CLoRA with two subjects; the overlay and one mask per subject
+        assert "CLoRA_AttentionMasker" in types
+        assert len(output_images(entry, "temp")) == 1 + 2
 
 
 def test_demo_runs_the_demo_examples_only():
