@@ -4,6 +4,11 @@ A routed layer computes y = base(x) + sum_k w_k * delta_k(x) where each delta on
 the rows routed to LoRA k. Rows of one model call are grouped in contiguous blocks (one
 per LoRA copy of the batch), so each delta runs once per block on a slice: no gathers,
 and a LoRA with no rows costs nothing.
+
+A delta may cover only a slice of the layer's outputs: DiT models fuse projections into one
+layer (Flux's ``qkv``, and ``linear1`` = q, k, v and the MLP input), and a LoRA trained on
+the separate projections patches a slice of the fused weight's rows. Such a delta computes
+only its slice and is added there (``Delta.out``).
 """
 from __future__ import annotations
 
@@ -16,10 +21,19 @@ import torch.nn.functional as F
 class Delta:
     """The change one LoRA makes to one layer, applied to the layer's input."""
 
-    def __init__(self, kind: str, conv: dict | None = None):
+    def __init__(self, kind: str, conv: dict | None = None, out: tuple[int, int] | None = None):
         self.kind = kind  # "linear" | "conv"
         self.conv = conv or {}
+        self.out = out  # (first, count) of the layer's output features it changes; None: all
         self._cast: dict = {}
+
+    def index(self, start: int, stop: int) -> tuple:
+        """Where this delta's output goes in the layer's output, rows start..stop."""
+        rows = slice(start, stop)
+        if self.out is None:
+            return (rows,)
+        features = slice(self.out[0], self.out[0] + self.out[1])
+        return (rows, Ellipsis, features) if self.kind == "linear" else (rows, features)
 
     def _tensors(self) -> tuple:
         raise NotImplementedError
@@ -47,8 +61,9 @@ class LowRankDelta(Delta):
     Exactly the host's merged ``W + scale * up @ down`` applied to x, at rank-r cost.
     """
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, kind: str, conv: dict | None = None):
-        super().__init__(kind, conv)
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, kind: str, conv: dict | None = None,
+                 out: tuple[int, int] | None = None):
+        super().__init__(kind, conv, out)
         self.down, self.up, self.scale = down, up, float(scale)
         self.rank = down.shape[0]
 
@@ -72,8 +87,9 @@ class DenseDelta(Delta):
     host can merge is also exact here.
     """
 
-    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, kind: str, conv: dict | None = None):
-        super().__init__(kind, conv)
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, kind: str, conv: dict | None = None,
+                 out: tuple[int, int] | None = None):
+        super().__init__(kind, conv, out)
         self.weight, self.bias = weight, bias
 
     def _tensors(self):
@@ -89,16 +105,6 @@ class DenseDelta(Delta):
             return F.linear(x, w, b)
         return F.conv2d(x, w, b, self.conv.get("stride", 1), self.conv.get("padding", 0),
                         self.conv.get("dilation", 1), self.conv.get("groups", 1))
-
-
-class SumDelta:
-    """Two deltas on one layer (a LoRA that patches both its weight and its bias)."""
-
-    def __init__(self, first, second):
-        self.first, self.second = first, second
-
-    def __call__(self, x):
-        return self.first(x) + self.second(x)
 
 
 @dataclass(frozen=True)
@@ -128,13 +134,15 @@ class Routing:
 class RoutedLayer:
     """Forward hook for one layer: adds the routed LoRAs' deltas to its output.
 
-    ``deltas`` maps LoRA index -> Delta for this layer; ``state.routing`` is the table of the
-    model call in progress, or None outside this pack's runs (then the hook does nothing,
-    so a plain sampler on the same model is unaffected even while the hook is installed).
+    ``deltas`` maps LoRA index -> the Delta, or list of Deltas (weight and bias, or slices of a
+    fused layer), one LoRA makes on this layer; ``state.routing`` is the table of the model
+    call in progress, or None outside this pack's runs (then the hook does nothing, so a plain
+    sampler on the same model is unaffected even while the hook is installed).
     """
 
-    def __init__(self, name: str, deltas: dict[int, Delta], state):
-        self.name, self.deltas, self.state = name, deltas, state
+    def __init__(self, name: str, deltas: dict, state):
+        self.name, self.state = name, state
+        self.deltas = {i: list(d) if isinstance(d, (list, tuple)) else [d] for i, d in deltas.items()}
 
     def __call__(self, module, args, output):
         routing: Routing | None = self.state.routing
@@ -148,14 +156,15 @@ class RoutedLayer:
         grad = torch.is_grad_enabled() and (output.requires_grad or x.requires_grad)
         out = output.clone() if grad else output
         for r in routing.routes:
-            delta = self.deltas.get(r.lora)
-            if delta is None or r.weight == 0.0:
+            if r.weight == 0.0:
                 continue
-            d = delta(x[r.start:r.stop])
-            if grad:
-                out[r.start:r.stop] = out[r.start:r.stop] + r.weight * d
-            else:
-                out[r.start:r.stop].add_(d, alpha=r.weight)
+            for delta in self.deltas.get(r.lora, ()):
+                d = delta(x[r.start:r.stop])
+                at = delta.index(r.start, r.stop)
+                if grad:
+                    out[at] = out[at] + r.weight * d
+                else:
+                    out[at].add_(d, alpha=r.weight)
         return out
 
 

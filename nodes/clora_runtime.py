@@ -14,7 +14,6 @@ One ``DIFFUSION_MODEL`` call of the host becomes, in order:
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -83,6 +82,11 @@ def attention_layers(unet) -> tuple[list[tuple[str, int, int]], int]:
     That is 1/4 of the latent (SD1.5: two input and three output layers, middle excluded);
     a model without attention there uses its deepest attention level.
     """
+    if not isinstance(unet, host.UNetModel):
+        raise CMLoRAError(NODE, "model", f"CLoRA reads the concepts from a UNet's cross-attention layers; this model "
+                          f"is a {type(unet).__name__}, whose text and image tokens share one joint attention.",
+                          "use an SD1.5 or SDXL checkpoint with CLoRA; on this model give each LoRA a mask and use "
+                          "method 'regions' in CMLoRA Apply.")
     found = []  # (ds, block, index, depth)
     ds = 1
     for i, block in enumerate(unet.input_blocks):
@@ -243,7 +247,7 @@ class CLoRARuntime(Runtime):
                 self._updated[step] = x_new
             x = call.x.clone()
             x[:, :c] = (x_new * c_in).to(call.x.dtype).repeat(len(chunks), *([1] * (call.x.ndim - 1)))
-            call = dataclasses.replace(call, x=x)
+            call = call.replaced(x=x)
         out, masks = self._branch_forward(executor, call, chunks, mine, b, step)
         if x_new is not None and step + 1 < len(points):
             corr = euler_correction(x_latent, x_new, sigma, points[step + 1]).to(out.dtype)
@@ -335,7 +339,7 @@ class CLoRARuntime(Runtime):
         copies = len(self.branches.contexts)
         rows = call.rows
         branches = call.copies(copies, context=self._contexts(call.context, mine, b, copies))
-        branches = dataclasses.replace(branches, options=self.with_capture(branches.options))
+        branches = branches.replaced(options=self.with_capture(branches.options))
         self.trace.call_rows.append(rows * copies)
         self.maps = []
         try:

@@ -13,7 +13,7 @@ real model).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -122,7 +122,7 @@ class CMLoRARuntime(Runtime):
         """Full passes of ``indices`` in one forward; keeps what the cache needs."""
         sink: list = []
         if cache == "deep":
-            call = replace(call, options=capturing(call.options, self._split, sink))
+            call = call.replaced(options=capturing(call.options, self._split, sink))
         out = self.evaluate(executor, call, indices).chunk(len(indices))
         deep = sink[0].chunk(len(indices)) if sink else [None] * len(indices)
         for i, o, d in zip(indices, out, deep):

@@ -66,7 +66,7 @@ class RowCounter:
         self.calls = self.rows = 0
 
     def __call__(self, executor, *args, **kwargs):
-        call = ModelCall.of(args, kwargs)
+        call = ModelCall.of(executor, args, kwargs)
         self.calls += 1
         self.rows += call.rows
         return call.run(executor)

@@ -253,20 +253,25 @@ class FoldBuffers:
         self._by_key.clear()
 
 
-def fold_patch(base_model, key: str, patch, strength: float, buffers: FoldBuffers | None = None):
+def fold_patch(base_model, key: str, patches: list, strength: float, buffers: FoldBuffers | None = None):
     """Write ``weight + strength * patch`` into a plain float parameter, as the host's patcher does
     (float32 sum, stochastic rounding to the weight's dtype); return the original parameter object,
-    which ``set_attr(base_model, key, original)`` puts back.
+    which ``set_attr(base_model, key, original)`` puts back. ``patches`` is one LoRA's list of
+    (patch, offset, function) on this parameter, as the host's patch keys give them: one with
+    offset None, or several on slices of a fused layer (offset (dim, first, count)), applied in
+    order as the host's ``calculate_weight`` does.
 
-    With ``buffers`` the sum is made in the key's reused buffer: a plain LoRA by the adapter's own
-    operations (product, scale, add; bit-identical) without temporaries, others by ``calculate_weight``."""
+    With ``buffers`` the sum is made in the key's reused buffer: a single plain LoRA by the adapter's
+    own operations (product, scale, add; bit-identical) without temporaries, others by
+    ``calculate_weight``."""
     weight = get_key_weight(base_model, key)[0]
+    listed = [(strength, patch, 1.0, offset, function) for patch, offset, function in patches]
     if buffers is None:
         work = weight.detach().to(torch.float32, copy=True)
-        merged = calculate_weight([(strength, patch, 1.0, None, None)], work, key)
+        merged = calculate_weight(listed, work, key)
     else:
         work = buffers.get(key, weight)
-        factors = lora_factors(patch)
+        factors = lora_factors(patches[0][0]) if len(patches) == 1 and patches[0][1:] == (None, None) else None
         if factors is not None and factors.plain and factors.up.shape[0] * factors.down[0].numel() == work.numel():
             up = factors.up.to(work.device, torch.float32).flatten(start_dim=1)
             down = factors.down.to(work.device, torch.float32).flatten(start_dim=1)
@@ -276,15 +281,18 @@ def fold_patch(base_model, key: str, patch, strength: float, buffers: FoldBuffer
             merged = work
         else:
             work.copy_(weight.detach())
-            merged = calculate_weight([(strength, patch, 1.0, None, None)], work, key)
+            merged = calculate_weight(listed, work, key)
     set_attr_param(base_model, key, stochastic_rounding(merged, weight.dtype, seed=string_to_seed(key)))
     return weight
 
 
-def patch_difference(base_model, key: str, patch) -> torch.Tensor:
+def patch_difference(base_model, key: str, patch, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """What a patch at strength 1 adds to a parameter (float32), by the host's own ``calculate_weight``
-    (every adapter type it knows: LoHa, LoKr, DoRA, diff, ...)."""
+    (every adapter type it knows: LoHa, LoKr, DoRA, diff, ...); ``rows`` (first, count): the patch
+    covers only those rows of the parameter (a slice of a fused layer), and so does the result."""
     base = float_weight(base_model, key)
+    if rows is not None:
+        base = base.narrow(0, rows[0], rows[1])
     return calculate_weight([(1.0, patch, 1.0, None, None)], base.clone(), key) - base
 
 

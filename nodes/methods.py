@@ -37,6 +37,17 @@ from .routed import ModelCall
 from .runtime import RunTrace, Runtime, check_finite, new_key
 
 
+def weight_patches(patches: dict) -> dict[str, list]:
+    """A LoRA's host patches grouped by the parameter they change: name -> [(patch, offset, function)]
+    as the host's key gives them (offset (dim, first, count) for a slice of a fused layer, several
+    per parameter; None and None for a plain key)."""
+    out: dict[str, list] = {}
+    for key, patch in patches.items():
+        name, offset, function = (key, None, None) if isinstance(key, str) else (*key[:2], key[2] if len(key) > 2 else None)
+        out.setdefault(name, []).append((patch, offset, function))
+    return out
+
+
 class MergeCheck:
     """Merge's only wrapper: stops a run whose prediction turns NaN or infinite (plain data, so
     hosts may copy it between clones as they like)."""
@@ -106,8 +117,8 @@ class SwitchRuntime(Runtime):
 
     def _must_route(self, model_patcher) -> bool:
         """Route the active LoRA in the forward where the pack must not write the weights."""
-        keys = [key for ml in self.loras for key in ml.patches if isinstance(key, str)]
-        return not host.weights_writable(model_patcher, keys)
+        keys = {key if isinstance(key, str) else key[0] for ml in self.loras for key in ml.patches}
+        return not host.weights_writable(model_patcher, sorted(keys))
 
     def inject(self, model_patcher) -> None:
         if self._must_route(model_patcher):  # folding puts nothing on the model call's path
@@ -139,9 +150,10 @@ class SwitchRuntime(Runtime):
             return
         self._unfold()
         ml = self.loras[k]
-        self._buffers.retain(ml.patches)
-        for key, patch in ml.patches.items():  # plain float weights: see _must_route
-            self._saved[key] = host.fold_patch(self.base_model, key, patch, strength, self._buffers)
+        by_weight = weight_patches(ml.patches)
+        self._buffers.retain(by_weight)
+        for key, patches in by_weight.items():  # plain float weights: see _must_route
+            self._saved[key] = host.fold_patch(self.base_model, key, patches, strength, self._buffers)
         self._folded = (k, strength)
         self.trace.folds += 1
 

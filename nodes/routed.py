@@ -15,53 +15,105 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, replace
+import inspect
+from dataclasses import dataclass
 
 import torch
 
 from ..cmlora_core.errors import CMLoRAError
-from ..cmlora_core.routing import DenseDelta, LowRankDelta, Route, RoutedLayer, Routing, SumDelta, repeat_rows
+from ..cmlora_core.routing import DenseDelta, LowRankDelta, Route, RoutedLayer, Routing, repeat_rows
 from . import host
 from .loras import MappedLora
 
 
+_SIGNATURES: dict = {}
+
+
+def _parameters(function) -> tuple[str, ...]:
+    """The names of a diffusion model's forward parameters (``**kwargs`` excluded), by function."""
+    f = getattr(function, "__func__", function)
+    names = _SIGNATURES.get(f)
+    if names is None:
+        names = _SIGNATURES[f] = tuple(
+            p.name for p in inspect.signature(function).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    return names
+
+
 @dataclass
 class ModelCall:
-    """The arguments of one diffusion-model call, as the host's wrapper receives them."""
+    """The arguments of one diffusion-model call, as the host's wrapper receives them.
 
-    x: torch.Tensor
-    timesteps: torch.Tensor
-    context: torch.Tensor | None
-    y: torch.Tensor | None
-    control: object
-    options: dict  # transformer_options
-    extra: dict  # further keyword inputs (model-specific conditioning)
+    Every model family names them its own way (a UNet: x, timesteps, context, y, control,
+    transformer_options; Flux: x, timestep, context, y, guidance, ref_latents, control,
+    transformer_options; others take the options as a keyword): ``values`` holds them by name,
+    ``positional`` says how many came by position, so ``run`` passes them on as received."""
+
+    values: dict
+    positional: tuple[str, ...]
 
     @classmethod
-    def of(cls, args: tuple, kwargs: dict) -> "ModelCall":
-        x, timesteps, context, y, control, options = args
-        return cls(x, timesteps, context, y, control, options, kwargs)
+    def of(cls, executor, args: tuple, kwargs: dict) -> "ModelCall":
+        names = _parameters(executor.original)
+        if len(args) > len(names):
+            raise TypeError(f"the diffusion model got {len(args)} positional arguments for its {len(names)} parameters")
+        return cls({**dict(zip(names, args)), **kwargs}, names[:len(args)])
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.values[self.positional[0]] if self.positional else self.values["x"]
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.values["timesteps"] if "timesteps" in self.values else self.values["timestep"]
+
+    @property
+    def context(self) -> torch.Tensor | None:
+        return self.values.get("context")
+
+    @property
+    def y(self) -> torch.Tensor | None:
+        return self.values.get("y")
+
+    @property
+    def control(self):
+        return self.values.get("control")
+
+    @property
+    def options(self) -> dict:  # transformer_options
+        return self.values.get("transformer_options") or {}
 
     @property
     def rows(self) -> int:
         return self.x.shape[0]
 
+    def replaced(self, **values) -> "ModelCall":
+        """The call with some arguments replaced (by name; ``options`` for transformer_options)."""
+        if "options" in values:
+            values["transformer_options"] = values.pop("options")
+        if "x" in values and self.positional and self.positional[0] != "x":
+            values[self.positional[0]] = values.pop("x")
+        return ModelCall({**self.values, **values}, self.positional)
+
     def run(self, executor) -> torch.Tensor:
-        return executor(self.x, self.timesteps, self.context, self.y, self.control, self.options, **self.extra)
+        n = len(self.positional)
+        return executor(*(self.values[k] for k in self.positional),
+                        **{k: v for k, v in self.values.items() if k not in self.positional[:n]})
 
     def copies(self, n: int, context: torch.Tensor | None = None) -> "ModelCall":
-        """The call with its rows repeated ``n`` times (copy k is rows k*B .. (k+1)*B); the options'
-        per-row lists follow. ``context`` replaces the repeated context (CLoRA's branch prompts)."""
+        """The call with its rows repeated ``n`` times (copy k is rows k*B .. (k+1)*B): every
+        per-row tensor (latent, timesteps, prompt, guidance, ControlNet residuals, ...) and the
+        options' per-row lists. ``context`` replaces the repeated prompt (CLoRA's branch prompts)."""
         b = self.rows
-        if n == 1:  # still a call of its own: the forward pops ControlNet's residual lists
-            return replace(self, control=own_lists(self.control), options=dict(self.options))
         options = dict(self.options)
+        if n == 1:  # still a call of its own: the forward pops ControlNet's residual lists
+            return self.replaced(control=own_lists(self.control), options=options)
         options["cond_or_uncond"] = list(self.options.get("cond_or_uncond", [])) * n
         options["uuids"] = list(self.options.get("uuids", [])) * n
-        return ModelCall(repeat_rows(self.x, b, n), repeat_rows(self.timesteps, b, n),
-                         repeat_rows(self.context, b, n) if context is None else context,
-                         repeat_rows(self.y, b, n), repeat_rows(self.control, b, n), options,
-                         {k: repeat_rows(v, b, n) for k, v in self.extra.items()})
+        values = {k: (options if k == "transformer_options" else repeat_rows(v, b, n)) for k, v in self.values.items()}
+        if context is not None:
+            values["context"] = context
+        return ModelCall(values, self.positional)
 
 
 def own_lists(value):
@@ -84,9 +136,20 @@ def _module_kind(module, node: str) -> tuple[str, dict]:
                       "use method 'merge' for this model.")
 
 
-def build_delta(base_model, key: str, patch, node: str):
-    """The routed form of one host patch on one weight (or bias) key: (layer path, delta)."""
-    module_path, param = key.rsplit(".", 1)
+def build_delta(base_model, key, patch, node: str, lora: str):
+    """The routed form of one host patch on one weight (or bias), whole or a slice of its output
+    rows: (layer path, delta)."""
+    # a host key is the parameter's name, or (name, (dim, first, count)[, function]) for a slice of a
+    # fused weight or bias
+    name, offset = (key, None) if isinstance(key, str) else (key[0], key[1])
+    if not isinstance(key, str) and len(key) > 2 and key[2] is not None:
+        raise CMLoRAError(node, "method", f"LoRA '{lora}' patches {name} through a conversion function, which "
+                          "only the host's weight merge applies.", "use method 'merge' for this LoRA.")
+    if offset is not None and offset[0] != 0:
+        raise CMLoRAError(node, "method", f"LoRA '{lora}' patches a slice of {name} along its dimension {offset[0]}; "
+                          "routing adds deltas to slices of a layer's outputs only.", "use method 'merge' for this LoRA.")
+    out = None if offset is None else (int(offset[1]), int(offset[2]))
+    module_path, param = name.rsplit(".", 1)
     module = host.get_attr(base_model, module_path)
     kind, conv = _module_kind(module, node)
     factors = host.lora_factors(patch) if param == "weight" else None
@@ -95,15 +158,16 @@ def build_delta(base_model, key: str, patch, node: str):
         rank = down.shape[0]
         scale = (factors.alpha / rank) if factors.alpha is not None else 1.0
         if kind == "linear":
-            return module_path, LowRankDelta(down.reshape(rank, -1), up.reshape(up.shape[0], rank), scale, kind)
-        kernel = host.get_attr(base_model, key).shape[1:]
+            return module_path, LowRankDelta(down.reshape(rank, -1), up.reshape(up.shape[0], rank), scale, kind,
+                                             out=out)
+        kernel = host.get_attr(base_model, name).shape[1:]
         return module_path, LowRankDelta(down.reshape(rank, *kernel), up.reshape(up.shape[0], rank, 1, 1),
-                                         scale, kind, conv)
+                                         scale, kind, conv, out=out)
     # every other adapter: the exact dense difference, computed by the host's own code
-    diff = host.patch_difference(base_model, key, patch)
+    diff = host.patch_difference(base_model, name, patch, out)
     if param == "weight":
-        return module_path, DenseDelta(diff, None, kind, conv)
-    return module_path, DenseDelta(None, diff, kind, conv)
+        return module_path, DenseDelta(diff, None, kind, conv, out=out)
+    return module_path, DenseDelta(None, diff, kind, conv, out=out)
 
 
 class RoutedLoras:
@@ -146,16 +210,12 @@ class RoutedLoras:
         return self._built["layers"]
 
     def _build(self, base_model) -> dict[str, dict]:
-        per_layer: dict[str, dict[int, object]] = {}
+        per_layer: dict[str, dict[int, list]] = {}
         for i, ml in enumerate(self.loras):
             for key, patch in ml.patches.items():
-                if not isinstance(key, str):
-                    raise CMLoRAError(self.node, "method",
-                                      f"LoRA '{ml.entry.name}' patches a fused layer ({key[0]}) that routing cannot split.",
-                                      "use method 'merge' for this model.")
-                path, delta = build_delta(base_model, key, patch, self.node)
-                slot = per_layer.setdefault(path, {})
-                slot[i] = SumDelta(slot[i], delta) if i in slot else delta  # weight and bias of one layer
+                path, delta = build_delta(base_model, key, patch, self.node, ml.entry.name)
+                # a LoRA's deltas on one layer: its weight and bias, or slices of a fused layer
+                per_layer.setdefault(path, {}).setdefault(i, []).append(delta)
         return per_layer
 
     # ------------------------------------------------------------------ routing

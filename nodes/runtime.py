@@ -112,7 +112,7 @@ class _PredictNoise(PatcherEntry):
 
 class _DiffusionModel(PatcherEntry):
     def __call__(self, executor, *args, **kwargs):
-        call = ModelCall.of(args, kwargs)
+        call = ModelCall.of(executor, args, kwargs)
         return self.running(call.options).diffusion_model(executor, call)
 
 

@@ -94,6 +94,41 @@ def test_routed_layer_keeps_gradients():
     assert torch.allclose(x.grad, (lin.weight + torch.eye(3)).sum(0), atol=1e-6)
 
 
+def test_deltas_on_slices_of_a_fused_layer_equal_the_merged_slices():
+    """A fused q/k/v layer (12 outputs = 3 x 4): one LoRA patches the k and v slices separately
+    (diffusers names on Flux's qkv), another the whole layer; each equals its merged weight."""
+    g = torch.Generator().manual_seed(2)
+    lin = torch.nn.Linear(6, 12)
+    dk, uk = torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)
+    dv = torch.randn(4, 6, generator=g)
+    whole = LowRankDelta(torch.randn(2, 6, generator=g), torch.randn(12, 2, generator=g), 0.5, "linear")
+    deltas = {0: [LowRankDelta(dk, uk, 0.5, "linear", out=(4, 4)), DenseDelta(dv, None, "linear", out=(8, 4)),
+                  DenseDelta(None, torch.ones(4), "linear", out=(8, 4))],
+              1: whole}
+    state = _State()
+    lin.register_forward_hook(RoutedLayer("qkv", deltas, state))
+    x = torch.randn(2, 5, 6, generator=g)
+    merged0 = lin.weight.detach().clone()
+    merged0[4:8] += 0.5 * uk @ dk
+    merged0[8:12] += dv
+    bias0 = lin.bias.detach().clone()
+    bias0[8:12] += 1.0
+    merged1 = lin.weight.detach() + 0.5 * whole.up @ whole.down
+    state.routing = Routing.blocks(1, [(0, 1.0), (1, 1.0)])
+    with torch.no_grad():
+        y = lin(x)
+    assert torch.allclose(y[:1], torch.nn.functional.linear(x[:1], merged0, bias0), atol=1e-5)
+    assert torch.allclose(y[1:], torch.nn.functional.linear(x[1:], merged1, lin.bias), atol=1e-5)
+    # with gradients (CLoRA's latent updates), the same values and the slices' weights in the gradient
+    xg = x[:1].clone().requires_grad_(True)
+    state.routing = Routing.blocks(1, [(0, 1.0)])
+    out = lin(xg)
+    assert torch.allclose(out, y[:1], atol=1e-5)
+    out.sum().backward()
+    assert torch.allclose(xg.grad, merged0.sum(0).expand_as(xg), atol=1e-5)
+    state.routing = None
+
+
 def test_repeat_rows_and_combine_copies():
     x = torch.arange(6.0).reshape(2, 3)
     value = {"a": [x, None, torch.ones(5)], "b": (x, 3)}
