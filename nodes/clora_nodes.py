@@ -14,7 +14,7 @@ from ..cmlora_core.clora import MORPHOLOGY, USER_MASK_MODES, token_positions
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import require_model_entries
 from . import host
-from .clora_runtime import Branches, CLoRARuntime, CLoRASettings, attach_clora
+from .clora_runtime import Branches, CLoRARuntime, CLoRASettings, attach_clora, attention_layers
 from .checks import check_inputs, save_path, saved_files, saved_folder
 from .host import io
 from .loras import map_clip_lora, map_model_lora
@@ -181,6 +181,7 @@ class AttentionMasker(io.ComfyNode):
                 mask_mode="replace"):
         check_inputs(cls, locals())
         entries = list(require_model_entries(stack, NODE))
+        attention_layers(model.model.diffusion_model)  # a UNet with cross-attention, before encoding anything
         masked = [e.name for e in entries if e.mask is not None]
         if masked:
             raise CMLoRAError(NODE, "stack", f"LoRA {', '.join(repr(n) for n in masked)} has a mask from its stack node; "

@@ -32,6 +32,7 @@ FIXTURE_VERSION = "5"
 CHECKPOINT = "cmlora_tiny_sd15.safetensors"
 SDXL_UNET = "cmlora_tiny_sdxl_unet.safetensors"
 SD15_FP8_UNET = "cmlora_tiny_sd15_unet_scaled_fp8.safetensors"
+FLUX_UNET = "cmlora_tiny_flux1_dev_unet.safetensors"
 
 # SD1.5's widths (detection needs model_channels 320, context_dim 768) with three levels of
 # one block each instead of four levels of two: the latent is divided by 4 at the deepest
@@ -114,6 +115,37 @@ def make_sd15_checkpoint(path: Path, seed: int = 0, in_channels: int = 4) -> Non
     sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
     sd = _fp16(sd)
     save_file(sd, str(path), metadata={"cmlora_fixture": FIXTURE_VERSION, "modelspec.architecture": "stable-diffusion-v1"})
+
+
+# Flux.1 [dev] at its real widths (the hosts' detection fixes 24 heads of 128 channels, so the
+# hidden size stays 3072; T5-XXL context 4096, CLIP-L pooled vector 768, guidance embedding)
+# with one double-stream and one single-stream block instead of 19 and 38: every kind of layer
+# a Flux LoRA patches, fused qkv and linear1 included, at about 0.5 billion parameters.
+FLUX_CONFIG = {
+    "image_model": "flux", "axes_dim": [16, 56, 56], "num_heads": 24, "mlp_ratio": 4.0, "theta": 10000,
+    "out_channels": 16, "qkv_bias": True, "in_channels": 16, "hidden_size": 3072, "context_in_dim": 4096,
+    "patch_size": 2, "vec_in_dim": 768, "depth": 1, "depth_single_blocks": 1, "guidance_embed": True,
+}
+
+
+def _flux_model(device="cpu"):
+    import comfy.supported_models
+
+    return comfy.supported_models.Flux(dict(FLUX_CONFIG)).get_model({}, device=device)
+
+
+def make_flux_unet(path: Path, seed: int = 30) -> None:
+    """A Flux.1 [dev] diffusion model file (the layout of Black Forest Labs' release), bf16 as
+    shared. The RMSNorm scales of the q/k norms are ones, as trained models have them near."""
+    model = _flux_model()
+    dm = model.diffusion_model
+    _init_(dm, seed)
+    with torch.no_grad():
+        for name, p in dm.named_parameters():
+            if name.endswith(".scale"):
+                p.fill_(1.0)
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in dm.state_dict().items()}
+    save_file(sd, str(path), metadata={"cmlora_fixture": FIXTURE_VERSION})
 
 
 def _sdxl_model(device="cpu"):
@@ -208,28 +240,42 @@ def _targets(model_sd: dict, include_conv: bool, include_ff: bool = True, only: 
     return sorted(out)
 
 
-def write_lora(path: Path, model_sd: dict, key_map: dict, *, fmt: str, rank: int = 4, seed: int = 0,
-               scale: float = 0.5, targets: list[str] | None = None, trigger: str | None = None,
-               up_init=None) -> dict:
-    """Write one LoRA file for the model whose state dict and host key map are given.
-
-    fmt: kohya | locon | peft | loha | lokr. ``up_init(model_key, shape)`` may fix the up
-    matrices (used to build LoRAs with known spectra). Returns the safetensors dict.
-    """
-    gen = torch.Generator().manual_seed(seed)
+def named_targets(model_sd: dict, key_map: dict, targets: list[str], style: str) -> dict[str, tuple]:
+    """{LoRA key name: (out, in, *kernel)} for model keys ``targets``, named as a ``style`` file names
+    them (kohya | peft), through the host's own key map."""
     inverse = _inverse_key_map(key_map)
-    if targets is None:
-        targets = _targets(model_sd, include_conv=fmt in ("locon", "loha", "lokr"))
-    style = {"peft": "peft"}.get(fmt, "kohya")
-    tensors: dict[str, torch.Tensor] = {}
+    named = {}
     for mk in targets:
         names = inverse.get(mk, [])
         name = _pick(names, style) or _pick(names, "kohya_ldm")
-        if name is None:
-            continue
-        w = model_sd[mk]
-        out_dim, in_dim = w.shape[0], w.shape[1]
-        kernel = tuple(w.shape[2:])
+        if name is not None:
+            named[name] = tuple(model_sd[mk].shape)
+    return named
+
+
+def write_lora(path: Path, model_sd: dict | None, key_map: dict | None, *, fmt: str, rank: int = 4, seed: int = 0,
+               scale: float = 0.5, targets: list[str] | None = None, trigger: str | None = None,
+               up_init=None, named: dict[str, tuple] | None = None) -> dict:
+    """Write one LoRA file for the model whose state dict and host key map are given.
+
+    fmt: kohya | locon | peft | loha | lokr. ``named`` ({LoRA key name: target shape}) gives the
+    names and shapes directly instead (the model's keys are then not looked up: names of slices of
+    fused layers, other file layouts). ``up_init(model_key, shape)`` may fix the up matrices (used
+    to build LoRAs with known spectra). Returns the safetensors dict.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if named is None:
+        if targets is None:
+            targets = _targets(model_sd, include_conv=fmt in ("locon", "loha", "lokr"))
+        named = named_targets(model_sd, key_map, targets, {"peft": "peft"}.get(fmt, "kohya"))
+        inverse = _inverse_key_map(key_map)
+        model_keys = {name: mk for mk in targets for name in inverse.get(mk, [])}
+    else:
+        model_keys = {name: name for name in named}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape in named.items():
+        out_dim, in_dim = shape[0], shape[1]
+        kernel = tuple(shape[2:])
         r = min(rank, out_dim, in_dim)
 
         def rnd(*shape, s=1.0):
@@ -239,7 +285,7 @@ def write_lora(path: Path, model_sd: dict, key_map: dict, *, fmt: str, rank: int
             down = rnd(r, in_dim, *kernel, s=1.0 / math.sqrt(in_dim * max(1, math.prod(kernel))))
             up = rnd(out_dim, r, *([1] * len(kernel)), s=scale / math.sqrt(r))
             if up_init is not None:
-                up = up_init(mk, tuple(up.shape)).to(torch.float16)
+                up = up_init(model_keys[name], tuple(up.shape)).to(torch.float16)
             if fmt == "peft":
                 tensors[f"{name}.lora_A.weight"] = down
                 tensors[f"{name}.lora_B.weight"] = up
@@ -343,6 +389,60 @@ def ensure_test_loras(models_dir: Path) -> None:
     save_file({"weight": torch.zeros(4, 4)}, str(lora_dir / "test_not_a_lora.safetensors"))
     good = (lora_dir / "test_kohya.safetensors").read_bytes()
     (lora_dir / "test_corrupt.safetensors").write_bytes(good[: len(good) // 3])
+    stamp.write_text(FIXTURE_VERSION)
+
+
+# Flux.1 LoRA files in the layouts artists download, each named through the host's key map:
+#   kohya     lora_unet_double_blocks_0_img_attn_qkv.lora_down/up (whole fused layers)
+#   bfl       diffusion_model.double_blocks.0.img_attn.qkv.lora_A/B (Black Forest Labs, ai-toolkit)
+#   diffusers transformer.transformer_blocks.0.attn.to_q.lora_A/B (diffusers/PEFT: q, k, v and the
+#             single blocks' proj_mlp are slices of the fused qkv and linear1)
+#   xlabs     diffusion_model.single_blocks.0.linear1_qkv.lora_down/up (what the hosts make of an
+#             XLabs file: its single-block LoRA covers the q, k, v slice of linear1)
+#   lokr      LyCORIS LoKr on the diffusers names (dense deltas on slices)
+FLUX_LORAS = {  # file stem: (format, which of the host's names, seed)
+    "flux_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 40),
+    "flux_bfl": ("peft", lambda name, key: name + ".weight" == key, 41),
+    "flux_diffusers": ("peft", lambda name, key: name.startswith("transformer."), 42),
+    "flux_xlabs": ("kohya", lambda name, key: name.endswith(".linear1_qkv"), 43),
+    "flux_lokr": ("lokr", lambda name, key: name.startswith("lycoris_"), 44),
+}
+
+
+def flux_lora_names(model_sd: dict, key_map: dict, layout) -> dict[str, tuple]:
+    """{LoRA key name: shape of what it patches} for the Flux blocks' linear layers, for the host key
+    map's names that ``layout(name, model key)`` picks; a name that patches a slice of a fused
+    layer gets the slice's shape."""
+    named = {}
+    for name, target in sorted(key_map.items()):
+        key, offset = (target, None) if isinstance(target, str) else target[:2]
+        if not layout(name, key):
+            continue
+        if not key.endswith(".weight") or "_blocks." not in key or model_sd[key].ndim != 2:
+            continue
+        out_dim, in_dim = model_sd[key].shape
+        named[name] = (offset[2] if offset else out_dim, in_dim)
+    return named
+
+
+def ensure_flux_models(models_dir: Path) -> None:
+    """The reduced Flux.1 [dev] diffusion model and its LoRA files (FLUX_LORAS), if missing."""
+    import comfy.lora
+
+    unet_dir, lora_dir = models_dir / "diffusion_models", models_dir / "loras"
+    unet_dir.mkdir(parents=True, exist_ok=True)
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    stamp = models_dir / ".cmlora_flux_version"
+    if stamp.exists() and stamp.read_text().strip() == FIXTURE_VERSION and (unet_dir / FLUX_UNET).exists():
+        return
+    make_flux_unet(unet_dir / FLUX_UNET)
+    meta = _flux_model(device="meta")
+    key_map = comfy.lora.model_lora_keys_unet(meta, {})
+    model_sd = meta.state_dict()
+    for stem, (fmt, layout, seed) in FLUX_LORAS.items():
+        named = flux_lora_names(model_sd, key_map, layout)
+        write_lora(lora_dir / f"test_{stem}.safetensors", None, None, fmt=fmt, seed=seed, named=named,
+                   trigger=stem.split("_")[1])
     stamp.write_text(FIXTURE_VERSION)
 
 
