@@ -399,14 +399,18 @@ def ensure_test_loras(models_dir: Path) -> None:
 #             single blocks' proj_mlp are slices of the fused qkv and linear1)
 #   xlabs     diffusion_model.single_blocks.0.linear1_qkv.lora_down/up (what the hosts make of an
 #             XLabs file: its single-block LoRA covers the q, k, v slice of linear1)
-#   lokr      LyCORIS LoKr on the diffusers names (dense deltas on slices)
+#   lokr      LyCORIS LoKr on the diffusers names of the attention's q, k, v (dense deltas on
+#             slices; only there, since a dense delta holds a full float32 copy of what it patches)
+# Every file patches the attention and MLP projections of the blocks, not the modulation layers.
+FLUX_FIXTURE_VERSION = "2"
 FLUX_LORAS = {  # file stem: (format, which of the host's names, seed)
     "flux_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 40),
     "flux_bfl": ("peft", lambda name, key: name + ".weight" == key, 41),
     "flux_diffusers": ("peft", lambda name, key: name.startswith("transformer."), 42),
     "flux_xlabs": ("kohya", lambda name, key: name.endswith(".linear1_qkv"), 43),
-    "flux_lokr": ("lokr", lambda name, key: name.startswith("lycoris_"), 44),
+    "flux_lokr": ("lokr", lambda name, key: name.startswith("lycoris_") and name.endswith(("_to_q", "_to_k", "_to_v")), 44),
 }
+_FLUX_MODULATION = ("_mod.lin.", ".modulation.lin.")
 
 
 def flux_lora_names(model_sd: dict, key_map: dict, layout) -> dict[str, tuple]:
@@ -418,7 +422,8 @@ def flux_lora_names(model_sd: dict, key_map: dict, layout) -> dict[str, tuple]:
         key, offset = (target, None) if isinstance(target, str) else target[:2]
         if not layout(name, key):
             continue
-        if not key.endswith(".weight") or "_blocks." not in key or model_sd[key].ndim != 2:
+        if not key.endswith(".weight") or "_blocks." not in key or model_sd[key].ndim != 2 \
+                or any(m in key for m in _FLUX_MODULATION):
             continue
         out_dim, in_dim = model_sd[key].shape
         named[name] = (offset[2] if offset else out_dim, in_dim)
@@ -433,7 +438,7 @@ def ensure_flux_models(models_dir: Path) -> None:
     unet_dir.mkdir(parents=True, exist_ok=True)
     lora_dir.mkdir(parents=True, exist_ok=True)
     stamp = models_dir / ".cmlora_flux_version"
-    if stamp.exists() and stamp.read_text().strip() == FIXTURE_VERSION and (unet_dir / FLUX_UNET).exists():
+    if stamp.exists() and stamp.read_text().strip() == FLUX_FIXTURE_VERSION and (unet_dir / FLUX_UNET).exists():
         return
     make_flux_unet(unet_dir / FLUX_UNET)
     meta = _flux_model(device="meta")
@@ -443,7 +448,7 @@ def ensure_flux_models(models_dir: Path) -> None:
         named = flux_lora_names(model_sd, key_map, layout)
         write_lora(lora_dir / f"test_{stem}.safetensors", None, None, fmt=fmt, seed=seed, named=named,
                    trigger=stem.split("_")[1])
-    stamp.write_text(FIXTURE_VERSION)
+    stamp.write_text(FLUX_FIXTURE_VERSION)
 
 
 def ensure_demo_models(models_dir: Path) -> dict:

@@ -48,16 +48,6 @@ def sdxl(models_dir):
 
 
 @pytest.fixture(scope="session")
-def flux(models_dir):
-    """The generated Flux.1 [dev] diffusion model (one block of each kind at full width), through the
-    host's UNETLoader (its detection), with its LoRA files (make_fixtures.FLUX_LORAS)."""
-    import make_fixtures as fx
-
-    fx.ensure_flux_models(CACHE)
-    return fx.load_unet(fx.FLUX_UNET)
-
-
-@pytest.fixture(scope="session")
 def conds(sd15):
     _, clip, _ = sd15
     pos = clip.encode_from_tokens_scheduled(clip.tokenize("a sks cat in a garden"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 import nodes as host_nodes
@@ -24,6 +25,31 @@ from comfyui_cmlora.nodes.runtime import runtime_of
 FORMATS = ["flux_kohya", "flux_bfl", "flux_diffusers", "flux_xlabs", "flux_lokr"]
 SLICED = {"flux_diffusers", "flux_xlabs", "flux_lokr"}  # patch slices of the fused qkv / linear1
 LATENT = 8  # 64x64 pixels: 4x4 image tokens of Flux's 2x2 patches
+
+
+@pytest.fixture(scope="module")
+def flux(models_dir):
+    """The generated Flux.1 [dev] diffusion model (one block of each kind at full width), through the
+    host's UNETLoader (its detection), with its LoRA files (make_fixtures.FLUX_LORAS). Module-scoped:
+    at about 2 GB in float32, plus what a LoRA-patched clone backs up, it is freed when this module
+    ends instead of staying for the rest of the session."""
+    import gc
+
+    import make_fixtures as fx
+
+    fx.ensure_flux_models(models_dir)
+    model = fx.load_unet(fx.FLUX_UNET)
+    yield model
+    comfy.model_management.unload_all_models()
+    del model
+    gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _unload_after(flux):
+    """Each test's LoRA-patched clones go when it ends (the host keeps the last one loaded)."""
+    yield
+    comfy.model_management.unload_all_models()
 
 
 def file(stem: str) -> str:
