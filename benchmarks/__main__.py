@@ -1,6 +1,7 @@
 """python -m benchmarks: FLOPs, wall time and peak memory of every method, side by side.
 
     python -m benchmarks                       FLOPs (SD1.5 + SDXL, meta device) and CPU timing, ~7 min
+    python -m benchmarks --part flops --archs flux   the Flux.1 FLOP table only
     python -m benchmarks --device cuda         timing at full size in fp16 on a CUDA GPU
     python -m benchmarks --full                every SDXL case too (about 20 minutes more)
     python -m benchmarks --markdown BENCHMARKS.md   also write the tables into that file
@@ -42,6 +43,8 @@ def flop_cases(arch: str, full: bool) -> list[Case]:
     out = []
     for n in range(1, 6):
         out += [Case("merge", n), Case("switch", n), Case("composite", n)]
+        if arch == "flux":  # the methods Flux's table compares (CMLoRA's deep cache and CLoRA need a UNet)
+            continue
         if n >= 2:
             out += [Case("cmlora", n, m, c, d) for m, c, d in (variants[:1] if light else variants)]
         if not light and (full or n <= 2):
@@ -54,7 +57,7 @@ def flop_cases(arch: str, full: bool) -> list[Case]:
 def _cost_order(item) -> float:
     arch, case = item
     weight = {"clora": 40, "composite": 3, "cmlora": 3}.get(case.method if case else "", 1)
-    return -(weight * (case.n if case else 1) * (3 if arch == "sdxl" else 1))
+    return -(weight * (case.n if case else 1) * {"sdxl": 3, "flux": 6}.get(arch, 1))
 
 
 def run_flops(archs: list[str], full: bool, workers: int) -> dict:
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
                     help="where the timing part runs (FLOPs are counted without a device)")
     ap.add_argument("--part", choices=("all", "flops", "time", "demo-switch"), default=None,
                     help="default: all on the CPU, time on CUDA")
-    ap.add_argument("--archs", default="sd15,sdxl", help="FLOP architectures (sd15, sdxl)")
+    ap.add_argument("--archs", default="sd15,sdxl", help="FLOP architectures (sd15, sdxl, flux)")
     ap.add_argument("--full", action="store_true", help="every SDXL case (CLoRA, every CMLoRA variant)")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (each case once per round)")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="FLOP counting processes")

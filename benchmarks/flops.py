@@ -42,10 +42,9 @@ def meta_wrappers(model_patcher, calls: list) -> None:
     def to_meta(v):
         return v.to("meta") if isinstance(v, torch.Tensor) else v
 
-    def bridge(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    def bridge(executor, x, *args, **kwargs):  # every model's arguments: tensors to meta, the rest as is
         calls.append(x.shape[0])
-        out = executor(to_meta(x), to_meta(timesteps), to_meta(context), to_meta(y), control, transformer_options,
-                       **{k: to_meta(v) for k, v in kwargs.items()})
+        out = executor(to_meta(x), *map(to_meta, args), **{k: to_meta(v) for k, v in kwargs.items()})
         return torch.zeros(out.shape, dtype=out.dtype)
 
     model_patcher.add_wrapper_with_key(ext.WrappersMP.PREPARE_SAMPLING, "benchmark", prepare)
@@ -82,7 +81,8 @@ class MetaBench:
                 "seconds": time.perf_counter() - started}
 
     def pass_costs(self) -> dict:
-        """FLOPs of one call's passes: plain UNet, full and shallow with one LoRA routed."""
+        """FLOPs of one call's passes: the plain model and with one LoRA routed (full passes), and on
+        a UNet the same for CMLoRA's shallow pass."""
         import torch
         from comfyui_cmlora.nodes.routed import RoutedLoras
         from comfyui_cmlora.nodes.unet_split import count_passes, find_split
@@ -91,10 +91,12 @@ class MetaBench:
 
         unet = self.model.model.diffusion_model
         arch = ARCHS[self.arch_key]
-        side, rows = arch.size // 8, 2  # one call holds the CFG pair
-        x = torch.empty(rows, 4, side, side, device="meta", dtype=torch.float16)
+        side, rows = arch.size // 8, arch.rows  # one call: the CFG pair, or one row without CFG
+        x = torch.empty(rows, arch.latent_channels, side, side, device="meta", dtype=torch.float16)
         t = torch.empty(rows, device="meta")
-        ctx = torch.empty(rows, 77, arch.context_dim, device="meta", dtype=torch.float16)
+        ctx = torch.empty(rows, arch.tokens, arch.context_dim, device="meta", dtype=torch.float16)
+        if not arch.unet:
+            return self._dit_costs(unet, arch, x, t, ctx)
         adm = unet_config(self.arch_key).get("adm_in_channels")
         y = None if adm is None else torch.empty(rows, adm, device="meta", dtype=torch.float16)
         split = find_split(unet)
@@ -105,6 +107,30 @@ class MetaBench:
             costs["full_unet"], costs["shallow_unet"] = count_passes(unet, split, x, t, ctx, y)
             with lora.routed(lora.blocks(rows, [0])):
                 costs["full_lora"], costs["shallow_lora"] = count_passes(unet, split, x, t, ctx, y)
+        finally:
+            lora.remove()
+        return costs
+
+    def _dit_costs(self, dit, arch, x, t, ctx) -> dict:
+        import torch
+        from comfyui_cmlora.cmlora_core.flops import FlopCounter
+        from comfyui_cmlora.nodes.host import meta_attention
+        from comfyui_cmlora.nodes.routed import RoutedLoras
+
+        y = torch.empty(x.shape[0], arch.pooled_dim, device="meta", dtype=torch.float16)
+        guidance = torch.empty(x.shape[0], device="meta")
+
+        def count() -> float:
+            with torch.inference_mode(), meta_attention(), FlopCounter() as counter:
+                dit(x, t, ctx, y=y, guidance=guidance, transformer_options={})
+            return counter.total
+
+        lora = RoutedLoras(self.loras[:1], "benchmark")
+        costs = {"full_unet": count()}
+        lora.install(self.model.model)
+        try:
+            with lora.routed(lora.blocks(x.shape[0], [0])):
+                costs["full_lora"] = count()
         finally:
             lora.remove()
         return costs
@@ -131,11 +157,13 @@ def trace_summary(model, calls: list) -> dict:
 
 # ---------------------------------------------------------------- what the schedules say
 
-def expected_passes(case: Case, steps: int, calls_per_step: int, switched_at: int | None = None) -> dict:
+def expected_passes(case: Case, steps: int, calls_per_step: int, switched_at: int | None = None,
+                    rows: int = 2) -> dict:
     """What each method's schedule prescribes for a run, computed from the schedules alone.
 
     calls_per_step: diffusion-model calls the host makes per step (1 when cond and uncond are
-    batched); switched_at: the online phase change the run reported (it depends on the data).
+    batched); switched_at: the online phase change the run reported (it depends on the data);
+    rows: rows of one host call (2: the CFG pair; 1 without CFG).
     """
     from comfyui_cmlora.cmlora_core.clora import update_plan
     from comfyui_cmlora.cmlora_core.cmlora import FULL, SHALLOW, Planner
@@ -146,13 +174,13 @@ def expected_passes(case: Case, steps: int, calls_per_step: int, switched_at: in
     calls = steps * calls_per_step
     out = {"model_calls": calls}
     if case.method == "merge":
-        out["rows_per_call"] = 2
+        out["rows_per_call"] = rows
     elif case.method == "switch":
         active = [switch_active(s, 5, case.n) for s in range(steps)]
         out["active"] = active
         out["folds"] = 1 + sum(1 for s in range(1, steps) if active[s] != active[s - 1])
     elif case.method in ("composite", "composite-seq"):
-        out["lora_rows"] = 2 * case.n * calls  # every LoRA evaluated on every row of every call
+        out["lora_rows"] = rows * case.n * calls  # every LoRA evaluated on every row of every call
     elif case.method == "clora":
         out["rows_per_call"] = 2 * (case.n + 1)  # base prompt + one branch per subject, cond and uncond
         out["loss_passes"] = sum(update_plan(steps).values()) if case.n >= 2 and case.updates else 0
@@ -180,12 +208,12 @@ def observed_passes(trace: dict) -> dict:
     return seen
 
 
-def check_passes(case: Case, trace: dict, steps: int) -> list[str]:
+def check_passes(case: Case, trace: dict, steps: int, rows: int = 2) -> list[str]:
     """Differences between a run and its schedule ([] when they agree)."""
     calls_per_step = trace["model_calls"] // steps
     if calls_per_step * steps != trace["model_calls"]:
         return [f"model_calls: {trace['model_calls']} is not a multiple of {steps} steps"]
-    expected = expected_passes(case, steps, calls_per_step, trace.get("switched_at"))
+    expected = expected_passes(case, steps, calls_per_step, trace.get("switched_at"), rows)
     seen = observed_passes(trace)
     return [f"{k}: schedule {v}, run {seen.get(k, 'none')}" for k, v in expected.items() if seen.get(k) != v]
 
@@ -205,11 +233,15 @@ _BENCHES: dict = {}
 
 
 def flop_task(arch: str, case: Case | None, steps: int):
-    """Worker-process side of the FLOP table: one counted run, or (case None) the pass costs."""
+    """Worker-process side of the FLOP table: one counted run, or (case None) the pass costs.
+    ``steps`` unless the architecture has its own (Flux dev: 28)."""
+    from .harness import ARCHS
+
     bench = _BENCHES.get(arch)
     if bench is None:
-        bench = _BENCHES[arch] = MetaBench(arch, steps)
-        bench.run(Case("cmlora", 2))  # uncounted: the runtime's one-time FLOP probe of this shape
+        bench = _BENCHES[arch] = MetaBench(arch, ARCHS[arch].steps or steps)
+        if ARCHS[arch].unet:
+            bench.run(Case("cmlora", 2))  # uncounted: the runtime's one-time FLOP probe of this shape
     if case is None:
         return arch, None, bench.pass_costs()
     result = bench.run(case)

@@ -40,18 +40,43 @@ SDXL_FULL = {
 }
 
 
+# Flux.1 [dev] at full size: 19 double-stream and 38 single-stream blocks of width 3072
+FLUX_FULL = {
+    "image_model": "flux", "axes_dim": [16, 56, 56], "num_heads": 24, "mlp_ratio": 4.0, "theta": 10000,
+    "out_channels": 16, "qkv_bias": True, "in_channels": 16, "hidden_size": 3072, "context_in_dim": 4096,
+    "patch_size": 2, "vec_in_dim": 768, "depth": 19, "depth_single_blocks": 38, "guidance_embed": True,
+}
+
+
 @dataclass(frozen=True)
 class Arch:
     name: str
-    family: str  # "SD15" or "SDXL" (the host's model class)
+    family: str  # the host's model class: "SD15", "SDXL" or "Flux"
     size: int  # image side in pixels
     context_dim: int
     pooled_dim: int | None = None
+    latent_channels: int = 4
+    tokens: int = 77  # prompt tokens (CLIP: 77; T5 as Flux pipelines use it: 512)
+    cfg: float = 5.0  # 1.0: guidance-distilled, one model call of one row per step
+    scheduler: str = "normal"
+    guidance: float | None = None  # Flux dev's guidance embedding
+    steps: int | None = None  # the FLOP table's steps when not the benchmark's default
+
+    @property
+    def unet(self) -> bool:
+        return self.family in ("SD15", "SDXL")
+
+    @property
+    def rows(self) -> int:
+        """Rows of one model call for one image: the CFG pair, or one row without CFG."""
+        return 1 if self.cfg == 1.0 else 2
 
 
 ARCHS = {
     "sd15": Arch("SD1.5", "SD15", 512, 768),
     "sdxl": Arch("SDXL", "SDXL", 1024, 2048, 1280),
+    "flux": Arch("Flux.1 [dev]", "Flux", 1024, 4096, 768, latent_channels=16, tokens=512, cfg=1.0,
+                 scheduler="simple", guidance=3.5, steps=28),
     "small": Arch("small SD1.5-layout", "SD15", 64, 768),
     "fixture": Arch("the tests' SD1.5-layout fixture", "SD15", 64, 768),
 }
@@ -107,6 +132,8 @@ def unet_config(arch_key: str) -> dict:
         return dict(SD15_FULL)
     if arch_key == "sdxl":
         return dict(SDXL_FULL)
+    if arch_key == "flux":
+        return dict(FLUX_FULL)
     import make_fixtures
 
     if arch_key == "fixture":
@@ -122,7 +149,7 @@ def build_model(arch_key: str, device: str, dtype, seed: int = 0):
     import comfy.supported_models
     import torch
 
-    config_cls = comfy.supported_models.SDXL if ARCHS[arch_key].family == "SDXL" else comfy.supported_models.SD15
+    config_cls = getattr(comfy.supported_models, ARCHS[arch_key].family)
     config = config_cls(unet_config(arch_key))
     config.set_inference_dtype(dtype, None)
     if device == "meta":
@@ -139,12 +166,22 @@ def build_model(arch_key: str, device: str, dtype, seed: int = 0):
     return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=dev)
 
 
+FLUX_LORA_LAYERS = (".img_attn.qkv.", ".img_attn.proj.", ".txt_attn.qkv.", ".txt_attn.proj.", ".img_mlp.",
+                    ".txt_mlp.", ".linear1.", ".linear2.")
+
+
 def lora_targets(model_patcher) -> list[str]:
-    """The layers a usual kohya LoRA trains: every linear / 1x1 projection of the transformer
-    blocks (attention q, k, v, out; feed-forward; proj_in, proj_out)."""
+    """The layers a usual kohya LoRA trains: on a UNet every linear / 1x1 projection of the
+    transformer blocks (attention q, k, v, out; feed-forward; proj_in, proj_out); on Flux the
+    attention and MLP projections of every block (fused qkv, proj, both MLP layers; the single
+    blocks' linear1 and linear2), not the modulation layers."""
     out = []
     for key, w in model_patcher.model.state_dict().items():
         if not key.startswith("diffusion_model.") or not key.endswith(".weight"):
+            continue
+        if "_blocks." in key and not key.startswith("diffusion_model.input_blocks") \
+                and any(s in key for s in FLUX_LORA_LAYERS):
+            out.append(key)
             continue
         in_transformer = ".transformer_blocks." in key or ".proj_in." in key or ".proj_out." in key
         if in_transformer and "norm" not in key and (w.ndim == 2 or (w.ndim == 4 and w.shape[2:] == (1, 1))):
@@ -207,8 +244,10 @@ def conditioning(arch_key: str, seed: int = 0, branches: int = 0):
     gen = torch.Generator().manual_seed(seed)
 
     def cond():
-        ctx = torch.randn(1, 77, arch.context_dim, generator=gen)
+        ctx = torch.randn(1, arch.tokens, arch.context_dim, generator=gen)
         extra = {} if arch.pooled_dim is None else {"pooled_output": torch.randn(1, arch.pooled_dim, generator=gen)}
+        if arch.guidance is not None:
+            extra["guidance"] = arch.guidance
         return ctx, extra
 
     pos, pos_extra = cond()
@@ -269,16 +308,17 @@ def runtime_of(model):
     return attached(model)
 
 
-def sample(model, positive, negative, arch_key: str, steps: int, size: int | None = None, cfg: float = 5.0,
-           seed: int = 1):
-    """The host's sampling call (euler, normal schedule), under inference mode as in the executor."""
+def sample(model, positive, negative, arch_key: str, steps: int, size: int | None = None, seed: int = 1):
+    """The host's sampling call (euler; the architecture's usual schedule and CFG: normal and 5 for
+    the UNets, simple and 1 for Flux dev), under inference mode as in the executor."""
     import comfy.sample
     import torch
 
-    side = (size or ARCHS[arch_key].size) // 8
-    latent = torch.zeros(1, 4, side, side)
+    arch = ARCHS[arch_key]
+    side = (size or arch.size) // 8
+    latent = torch.zeros(1, arch.latent_channels, side, side)
     noise = comfy.sample.prepare_noise(latent, seed)
     with torch.inference_mode():
-        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+        return comfy.sample.sample(model, noise, steps, arch.cfg, "euler", arch.scheduler, positive, negative, latent,
                                    seed=seed, disable_pbar=True)
 

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import sys
 
 import torch
 
@@ -375,10 +376,15 @@ def meta_diffusion_model(base_model):
 def meta_attention():
     """PyTorch's attention while counting on the meta device: the host's CPU default asks the
     device for free memory, which meta cannot answer. Every implementation does the same two
-    matrix products, so a count does not depend on the choice."""
+    matrix products, so a count does not depend on the choice. Models that imported the function
+    into their own module (Flux's ``math``) get the swap too."""
     saved = _attention.optimized_attention
-    _attention.optimized_attention = _attention.attention_pytorch
+    holders = [m for name, m in list(sys.modules.items())
+               if name.startswith("comfy.") and getattr(m, "optimized_attention", None) is saved]
+    for m in holders:
+        m.optimized_attention = _attention.attention_pytorch
     try:
         yield
     finally:
-        _attention.optimized_attention = saved
+        for m in holders:
+            m.optimized_attention = saved
