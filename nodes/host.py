@@ -222,6 +222,14 @@ class LoraFactors:
         return self.mid is None and self.dora_scale is None and self.reshape is None
 
 
+def patch_key(key) -> tuple[str, tuple | None, object]:
+    """(parameter name, offset, function) of a key of the host's LoRA patches: a plain name, or
+    (name, (dim, first, count)[, function]) for a slice of a fused weight (Flux's qkv, linear1)."""
+    if isinstance(key, str):
+        return key, None, None
+    return key[0], key[1], key[2] if len(key) > 2 else None
+
+
 def lora_factors(patch) -> LoraFactors | None:
     """The factors of a host patch when it is a plain LoRA adapter; None for every other adapter
     (LoHa, LoKr, diff, ...), which only the host's own ``calculate_weight`` reads."""

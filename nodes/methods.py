@@ -43,7 +43,7 @@ def weight_patches(patches: dict) -> dict[str, list]:
     per parameter; None and None for a plain key)."""
     out: dict[str, list] = {}
     for key, patch in patches.items():
-        name, offset, function = (key, None, None) if isinstance(key, str) else (*key[:2], key[2] if len(key) > 2 else None)
+        name, offset, function = host.patch_key(key)
         out.setdefault(name, []).append((patch, offset, function))
     return out
 
@@ -117,7 +117,7 @@ class SwitchRuntime(Runtime):
 
     def _must_route(self, model_patcher) -> bool:
         """Route the active LoRA in the forward where the pack must not write the weights."""
-        keys = {key if isinstance(key, str) else key[0] for ml in self.loras for key in ml.patches}
+        keys = {host.patch_key(key)[0] for ml in self.loras for key in ml.patches}
         return not host.weights_writable(model_patcher, sorted(keys))
 
     def inject(self, model_patcher) -> None:

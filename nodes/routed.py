@@ -96,9 +96,8 @@ class ModelCall:
         return ModelCall({**self.values, **values}, self.positional)
 
     def run(self, executor) -> torch.Tensor:
-        n = len(self.positional)
         return executor(*(self.values[k] for k in self.positional),
-                        **{k: v for k, v in self.values.items() if k not in self.positional[:n]})
+                        **{k: v for k, v in self.values.items() if k not in self.positional})
 
     def copies(self, n: int, context: torch.Tensor | None = None) -> "ModelCall":
         """The call with its rows repeated ``n`` times (copy k is rows k*B .. (k+1)*B): every
@@ -139,10 +138,8 @@ def _module_kind(module, node: str) -> tuple[str, dict]:
 def build_delta(base_model, key, patch, node: str, lora: str):
     """The routed form of one host patch on one weight (or bias), whole or a slice of its output
     rows: (layer path, delta)."""
-    # a host key is the parameter's name, or (name, (dim, first, count)[, function]) for a slice of a
-    # fused weight or bias
-    name, offset = (key, None) if isinstance(key, str) else (key[0], key[1])
-    if not isinstance(key, str) and len(key) > 2 and key[2] is not None:
+    name, offset, function = host.patch_key(key)
+    if function is not None:
         raise CMLoRAError(node, "method", f"LoRA '{lora}' patches {name} through a conversion function, which "
                           "only the host's weight merge applies.", "use method 'merge' for this LoRA.")
     if offset is not None and offset[0] != 0:

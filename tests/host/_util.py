@@ -84,16 +84,16 @@ def diffusion_out(model, call):
         return dm(call["x"], call["t"], context=call["context"], transformer_options={}, **kwargs)
 
 
-def stepwise_reference(models, conds, sampler, steps, seed=1, cfg=5.0):
+def stepwise_reference(models, conds, sampler, steps, seed=1, cfg=5.0, scheduler="normal", latent_shape=(1, 4, 8, 8)):
     """The run rebuilt from the host's own nodes, one step at a time: step i is a SamplerCustomAdvanced
     run of ``sampler`` over sigmas[i:i+2] with ``models[i]`` (every evaluation of that step, Heun's
     corrector at sigma[i+1] included, uses step i's model), fed the previous step's latent."""
     from comfy_extras import nodes_custom_sampler as cs
 
     pos, neg = conds
-    sigmas = cs.BasicScheduler.execute(models[0], "normal", steps, 1.0).args[0]
+    sigmas = cs.BasicScheduler.execute(models[0], scheduler, steps, 1.0).args[0]
     ksampler = cs.KSamplerSelect.execute(sampler).args[0]
-    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    latent = {"samples": torch.zeros(latent_shape)}
     for i in range(steps):
         noise = cs.RandomNoise.execute(seed).args[0] if i == 0 else cs.DisableNoise.execute().args[0]
         guider = cs.CFGGuider.execute(models[i], pos, neg, cfg).args[0]

@@ -14,9 +14,8 @@ import torch
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
-import nodes as host_nodes
 
-from _util import apply, lora_loader, stack
+from _util import apply, lora_loader, stack, stepwise_reference
 
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.loras import map_model_lora
@@ -177,27 +176,11 @@ def test_step_range_on_the_first_half_equals_lora_loader_then_the_base_model(flu
     spec = {"lora_name": file("flux_diffusers"), "strength_model": 1.0, "end_at": 0.5}
     ours = sample(apply(flux, stack(spec), method), flux_conds, steps=4)
     lora = lora_loader(flux, (file("flux_diffusers"), 1.0))
-    expected = _stepwise([lora, lora, flux, flux], flux_conds)
+    expected = stepwise_reference([lora, lora, flux, flux], flux_conds, "euler", 4, seed=3, cfg=1.0,
+                                  scheduler="simple", latent_shape=(1, 16, LATENT, LATENT))
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
     assert not torch.allclose(ours, sample(lora, flux_conds, steps=4), atol=1e-3)
     assert not torch.allclose(ours, sample(flux, flux_conds, steps=4), atol=1e-3)
-
-
-def _stepwise(models, conds, seed=3):
-    """The run rebuilt from the host's own nodes, one step at a time with ``models[i]`` (cfg 1: the
-    BasicGuider), each step fed the previous step's latent."""
-    from comfy_extras import nodes_custom_sampler as cs
-
-    pos, neg = conds
-    steps = len(models)
-    sigmas = cs.BasicScheduler.execute(models[0], "simple", steps, 1.0).args[0]
-    ksampler = cs.KSamplerSelect.execute("euler").args[0]
-    latent = {"samples": torch.zeros(1, 16, LATENT, LATENT)}
-    for i in range(steps):
-        noise = cs.RandomNoise.execute(seed).args[0] if i == 0 else cs.DisableNoise.execute().args[0]
-        guider = cs.BasicGuider.execute(models[i], pos).args[0]
-        latent = cs.SamplerCustomAdvanced.execute(noise, guider, ksampler, sigmas[i:i + 2], latent).args[0]
-    return latent["samples"]
 
 
 def test_regions_on_flux_image_tokens(flux, flux_conds):
