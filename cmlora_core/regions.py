@@ -48,8 +48,8 @@ def region_weights(masks: list[torch.Tensor], size: tuple[int, int]) -> torch.Te
 
 def combine_regions(outputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(K+1)*B rows of predictions (copy k: rows k*B..(k+1)*B) mixed per pixel with (K+1, h, w)
-    ``weights``: (B, C, h, w)."""
+    ``weights``: (B, C, h, w), or (B, C, T, h, w) for a video VAE's latent (every frame alike)."""
     k = weights.shape[0]
     out = outputs.reshape(k, outputs.shape[0] // k, *outputs.shape[1:])
-    w = weights.to(out)[:, None, None]
+    w = weights.to(out).reshape(k, *([1] * (out.ndim - 3)), *weights.shape[1:])
     return (out * w).sum(0)
