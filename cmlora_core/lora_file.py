@@ -162,13 +162,22 @@ def guess_base(tensors: dict[str, torch.Tensor]) -> str:
 
     Used only to word error messages: the cross-attention key projection's input width is
     the text embedding width (768 SD1.x, 1024 SD2.x, 2048 SDXL); SDXL files also carry two
-    text encoders.
+    text encoders; the DiT models are told apart by the names of their blocks (Flux's
+    double/single blocks, Qwen-Image's separate image and text MLPs, Z-Image's refiners and
+    feed-forward w1..w3).
     """
     keys = list(tensors)
     if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in keys):
         return "SDXL"
+    if any("to_qkv_mlp_proj" in k or "double_stream_modulation" in k for k in keys):
+        return "Flux.2"
     if any("single_transformer_blocks" in k or "double_blocks" in k for k in keys):
         return "Flux"
+    if any("img_mlp" in k or "txt_mlp" in k for k in keys):  # Flux's double blocks are caught above
+        return "Qwen-Image"
+    if any(("noise_refiner" in k or "context_refiner" in k or "feed_forward_w" in k or "feed_forward.w" in k)
+           for k in keys):
+        return "Z-Image (or Lumina 2)"
     for k in keys:
         if ("attn2" in k and ("to_k" in k or "to_v" in k)) and k.endswith(_DOWN_SUFFIXES):
             width = tensors[k].shape[-1]

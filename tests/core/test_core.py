@@ -162,6 +162,20 @@ def test_guess_base_from_cross_attention_width():
     assert guess_base({key: torch.zeros(4, 768)}) == "SD1.x"
 
 
+@pytest.mark.parametrize("key, base", [
+    ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "Flux"),
+    ("transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight", "Flux"),
+    ("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight", "Flux.2"),
+    ("transformer.transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight", "Qwen-Image"),
+    ("lora_unet_transformer_blocks_0_txt_mlp_net_2.lora_down.weight", "Qwen-Image"),
+    ("diffusion_model.noise_refiner.0.attention.to_q.lora_A.weight", "Z-Image (or Lumina 2)"),
+    ("lora_unet_layers_0_feed_forward_w1.lora_down.weight", "Z-Image (or Lumina 2)"),
+    ("transformer.transformer_blocks.0.attn.to_q.lora_A.weight", ""),  # Flux or Qwen attention alone
+])
+def test_guess_base_of_dit_loras_from_their_block_names(key, base):
+    assert guess_base({key: torch.zeros(4, 64)}) == base
+
+
 def test_file_cache_reloads_when_the_file_changes(tmp_path):
     p = tmp_path / "f.bin"
     p.write_bytes(b"1")
