@@ -22,14 +22,39 @@ ARTIFACTS = REPO / "test-artifacts" / "browser"
 _written: list[Path] = []  # the screenshot folders this session wrote to (printed at the end)
 
 
+_running: list[Server] = []  # the server the e2e modules share while they run
+
+
 @pytest.fixture(scope="session")
 def server(models_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("server")
-    paths = tmp / "extra_model_paths.yaml"
-    paths.write_text(f"cmlora_test:\n  base_path: {models_dir}\n  checkpoints: checkpoints\n  loras: loras\n")
-    with Server(HOST, output_dir=tmp / "output", extra_model_paths=paths, log_path=tmp / "comfyui.log") as s:
+    """One ComfyUI server for all e2e tests (they run one after another), started by the first that
+    needs it and stopped after the last e2e test (pytest_runtest_teardown below), not at the end of
+    the session: it holds about 5 GB, which the host tests after tests/e2e need on the 24 GB CI
+    machine."""
+    if not _running:
+        tmp = tmp_path_factory.mktemp("server")
+        paths = tmp / "extra_model_paths.yaml"
+        paths.write_text(f"cmlora_test:\n  base_path: {models_dir}\n  checkpoints: checkpoints\n  loras: loras\n")
+        s = Server(HOST, output_dir=tmp / "output", extra_model_paths=paths, log_path=tmp / "comfyui.log")
+        s.__enter__()
         s.output_dir_path = tmp / "output"
-        yield s
+        _running.append(s)
+    return _running[0]
+
+
+def _stop_server():
+    while _running:
+        _running.pop().__exit__(None, None, None)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    e2e = Path(__file__).parent
+    if nextitem is None or e2e not in nextitem.path.parents:
+        _stop_server()
+
+
+def pytest_sessionfinish(session):
+    _stop_server()
 
 
 def _no_browser(reason: str):
