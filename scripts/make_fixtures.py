@@ -21,7 +21,9 @@ import json
 import logging
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -449,6 +451,162 @@ def ensure_flux_models(models_dir: Path) -> None:
         write_lora(lora_dir / f"test_{stem}.safetensors", None, None, fmt=fmt, seed=seed, named=named,
                    trigger=stem.split("_")[1])
     stamp.write_text(FLUX_FIXTURE_VERSION)
+
+
+# ---------------------------------------------------------------- other DiT models
+#
+# Flux.2, Z-Image and Qwen-Image with one block of each kind, built from the configuration the
+# hosts' detection derives from a released file, at the widths that detection fixes (Z-Image is
+# told from Lumina 2 by its width 3840; Qwen-Image's widths are constants of the model class).
+# Flux.2's detection on the current host derives its head count from the width, so its fixture
+# is narrower than any release (hidden size 1024, 8 heads); a host whose detection fixes Flux.2
+# at 48 heads (a 6144 width, the 32-billion-parameter [dev]) cannot load it, and the tests say
+# so. Every LoRA file patches attention and MLP projections in the layouts trainers write,
+# named through the host's own key map, and never the modulation layers.
+
+
+@dataclass(frozen=True)
+class DiTFixture:
+    key: str            # short name used in file names and test ids
+    title: str          # what the README and test messages call it
+    host_class: str     # the class in the host's supported_models that must detect it
+    config: dict        # the unet_config the host's detection derives from the file
+    latent: tuple       # (channels, pixels per latent cell) of its empty latent
+    context_dim: int    # width of the text encoder's hidden states it reads
+    cond_extra: dict    # what its text-encode node adds to the conditioning (guidance, ...)
+    trains: Callable[[str], bool]   # model keys (weights of linear layers) a LoRA trains
+    loras: dict         # file stem: (format, which of the host's names, seed)
+    version: str = "1"
+
+    def unsupported(self) -> str | None:
+        """Why the running host cannot load this fixture, or None: it lacks the model class, or its
+        detection derives another configuration from the fixture's keys and widths."""
+        import comfy.model_detection
+        import comfy.supported_models
+
+        if not hasattr(comfy.supported_models, self.host_class):
+            return f"this host has no {self.title} support"
+        try:
+            sd = self.model(device="meta").diffusion_model.state_dict()
+        except Exception as e:  # the host's model class takes other settings
+            return f"this host's {self.title} class does not take the fixture's configuration ({e})"
+        detected = comfy.model_detection.detect_unet_config(sd, "") or {}
+        differ = {k: detected.get(k) for k, v in self.config.items() if detected.get(k) != v}
+        if differ:
+            return f"this host's detection reads the {self.title} fixture as {differ}"
+        return None
+
+    @property
+    def file(self) -> str:
+        return f"cmlora_tiny_{self.key}_unet.safetensors"
+
+    def model(self, device="cpu"):
+        import comfy.supported_models
+
+        config = getattr(comfy.supported_models, self.host_class)(dict(self.config))
+        return config.get_model({}, device=device)
+
+
+def _in_blocks(key: str, *prefixes: str) -> bool:
+    return key.startswith(tuple(f"diffusion_model.{p}" for p in prefixes))
+
+
+DIT_FIXTURES = {f.key: f for f in [
+    DiTFixture(
+        "flux2", "Flux.2 [dev] (narrowed)", "Flux2",
+        {"image_model": "flux2", "axes_dim": [32, 32, 32, 32], "num_heads": 8, "mlp_ratio": 3.0,
+         "theta": 2000, "out_channels": 128, "global_modulation": True, "mlp_silu_act": True,
+         "qkv_bias": False, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
+         "txt_ids_dims": [3], "patch_size": 1, "in_channels": 128, "hidden_size": 1024,
+         "context_in_dim": 15360, "vec_in_dim": None, "depth": 1, "depth_single_blocks": 1,
+         "guidance_embed": True, "yak_mlp": False, "txt_norm": False},
+        latent=(128, 16), context_dim=15360, cond_extra={"guidance": 4.0},
+        trains=lambda k: _in_blocks(k, "double_blocks.", "single_blocks.") and not any(m in k for m in _FLUX_MODULATION),
+        loras={
+            # ai-toolkit's Flux.2 files use the model's own names
+            "flux2_bfl": ("peft", lambda name, key: name + ".weight" == key, 60),
+            # diffusers: q, k, v of the double blocks are slices of the fused qkv; a single block's
+            # fused projection is one layer (to_qkv_mlp_proj), as diffusers' Flux.2 names it
+            "flux2_diffusers": ("peft", lambda name, key: name.startswith("transformer.") and not (
+                "single_transformer_blocks" in name and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "proj_mlp")), 61),
+            "flux2_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 62),
+        }),
+    DiTFixture(
+        "zimage", "Z-Image", "ZImage",
+        {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3840, "cap_feat_dim": 2560,
+         "n_layers": 1, "qk_norm": True, "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48],
+         "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+         "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32},
+        latent=(16, 8), context_dim=2560, cond_extra={},
+        # attention only: at this width the host's loader keeps a float32 copy of every patched
+        # weight, and the feed-forwards as well would not fit beside the rest of the CI run
+        trains=lambda k: _in_blocks(k, "layers.", "noise_refiner.", "context_refiner.") and ".attention." in k,
+        loras={
+            # ai-toolkit / diffusers: q, k, v are slices of the fused qkv
+            "zimage_diffusers": ("peft", lambda name, key: name.startswith("diffusion_model.") and not name.endswith(".qkv"), 70),
+            "zimage_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 71),
+            "zimage_lokr": ("lokr", lambda name, key: name.startswith("lycoris_layers_") and name.endswith(("_to_q", "_to_k", "_to_v")), 72),
+        }),
+    DiTFixture(
+        "qwen_image", "Qwen-Image", "QwenImage",
+        {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1},
+        latent=(16, 8), context_dim=3584, cond_extra={},
+        trains=lambda k: _in_blocks(k, "transformer_blocks.") and "_mod." not in k,
+        loras={
+            "qwen_image_diffusers": ("peft", lambda name, key: name.startswith("transformer."), 80),
+            "qwen_image_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 81),
+            "qwen_image_lokr": ("lokr", lambda name, key: name.startswith("lycoris_") and "_attn_" in name, 82),
+        }),
+]}
+
+
+def dit_lora_names(fixture: DiTFixture, model_sd: dict, key_map: dict, layout) -> dict[str, tuple]:
+    """{LoRA key name: shape of what it patches} for the weights ``fixture.trains``, one name per
+    patched weight or slice (the host's map often has several spellings of one), for the names
+    ``layout(name, model key)`` picks."""
+    named, seen = {}, set()
+    for name, target in sorted(key_map.items()):
+        key, offset = (target, None) if isinstance(target, str) else target[:2]
+        if not layout(name, key) or key not in model_sd or not key.endswith(".weight"):
+            continue
+        if model_sd[key].ndim != 2 or not fixture.trains(key) or (key, offset) in seen:
+            continue
+        seen.add((key, offset))
+        out_dim, in_dim = model_sd[key].shape
+        named[name] = (offset[2] if offset else out_dim, in_dim)
+    return named
+
+
+def ensure_dit_model(models_dir: Path, key: str) -> DiTFixture:
+    """One DiT fixture's diffusion model (bf16, as released) and LoRA files, if missing."""
+    import comfy.lora
+
+    fixture = DIT_FIXTURES[key]
+    unet_dir, lora_dir = models_dir / "diffusion_models", models_dir / "loras"
+    unet_dir.mkdir(parents=True, exist_ok=True)
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    stamp = models_dir / f".cmlora_{key}_version"
+    if stamp.exists() and stamp.read_text().strip() == fixture.version and (unet_dir / fixture.file).exists():
+        return fixture
+    model = fixture.model()
+    dm = model.diffusion_model
+    _init_(dm, seed=50 + sorted(DIT_FIXTURES).index(key))
+    with torch.no_grad():
+        for name, p in dm.named_parameters():
+            if name.endswith(".scale"):  # RMSNorm scales near one, as in trained models
+                p.fill_(1.0)
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in dm.state_dict().items()}
+    del model, dm
+    save_file(sd, str(unet_dir / fixture.file), metadata={"cmlora_fixture": fixture.version})
+    del sd
+    meta = fixture.model(device="meta")
+    key_map = comfy.lora.model_lora_keys_unet(meta, {})
+    model_sd = meta.state_dict()
+    for stem, (fmt, layout, seed) in fixture.loras.items():
+        named = dit_lora_names(fixture, model_sd, key_map, layout)
+        write_lora(lora_dir / f"test_{stem}.safetensors", None, None, fmt=fmt, seed=seed, named=named)
+    stamp.write_text(fixture.version)
+    return fixture
 
 
 def ensure_demo_models(models_dir: Path) -> dict:

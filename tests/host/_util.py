@@ -99,3 +99,64 @@ def stepwise_reference(models, conds, sampler, steps, seed=1, cfg=5.0, scheduler
         guider = cs.CFGGuider.execute(models[i], pos, neg, cfg).args[0]
         latent = cs.SamplerCustomAdvanced.execute(noise, guider, ksampler, sigmas[i:i + 2], latent).args[0]
     return latent["samples"]
+
+
+def _cloned(value):
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    return value
+
+
+class CallRecorder:
+    """A DIFFUSION_MODEL wrapper recording every call of any model's forward as the host made it:
+    its arguments by name (whatever the model family calls them and however they were passed;
+    the transformer options and empty ControlNet residuals left out) and its output.
+    ``call_out`` replays a recorded call on another model."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, executor, *args, **kwargs):
+        from comfyui_cmlora.nodes.routed import ModelCall
+
+        call = ModelCall.of(executor, args, kwargs)
+        kept = {k: v for k, v in call.values.items()
+                if k != "transformer_options" and not (k == "control" and v is None)}
+        kept = _cloned(kept)  # before the forward, which may pop from the lists it gets
+        out = executor(*args, **kwargs)
+        self.calls.append({"values": kept, "x": call.x.clone(), "out": out.clone(),
+                           "method": executor.original.__name__})  # forward's inner function
+        return out
+
+    def attach(self, model, key="test-call-recorder"):
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key, self)
+        return m
+
+
+def call_out(model, call):
+    """The diffusion model of ``model`` (its patches loaded as sampling loads them) on a call
+    recorded by CallRecorder: the function the wrapper wrapped (forward's inner ``_forward``,
+    whose argument names the record holds), every argument passed by name."""
+    with torch.no_grad():
+        comfy.model_management.load_models_gpu([model])
+        inner = getattr(model.model.diffusion_model, call["method"])
+        return inner(**call["values"], transformer_options={})
+
+
+def weight_digests(model) -> dict:
+    """A digest of each of the base model's weights as stored, with no patched clone loaded (the host
+    folds a loaded clone's LoRAs into the shared weights until it unloads it). Equal digests mean
+    bit-identical weights; a digest instead of a copy keeps multi-GB models' tests in memory."""
+    import hashlib
+
+    comfy.model_management.unload_all_models()
+    out = {}
+    for k, v in model.model.diffusion_model.state_dict().items():
+        raw = v.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # the bytes, any dtype
+        out[k] = (v.dtype, tuple(v.shape), hashlib.blake2b(memoryview(raw), digest_size=16).hexdigest())
+    return out

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import comfy.model_management
-import comfy.patcher_extension
 import comfy.sample
 
-from _util import apply, lora_loader, stack, stepwise_reference
+from _util import CallRecorder, apply, call_out, lora_loader, stack, stepwise_reference, weight_digests
 
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.loras import map_model_lora
@@ -75,40 +74,6 @@ def sample(model, conds, steps=2, cfg=1.0, seed=3, callback=None):
                                disable_pbar=True, callback=callback)
 
 
-class FluxRecorder:
-    """A DIFFUSION_MODEL wrapper recording each call of Flux's forward (x, timestep, context, y,
-    guidance, ref_latents, control, transformer_options) and its output."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, executor, x, timestep, context, y, guidance, *rest, **kwargs):
-        out = executor(x, timestep, context, y, guidance, *rest, **kwargs)
-        self.calls.append({"x": x.clone(), "t": timestep.clone(), "context": context.clone(), "y": y.clone(),
-                           "guidance": guidance.clone(), "out": out.clone()})
-        return out
-
-    def attach(self, model):
-        m = model.clone()
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test-flux-recorder", self)
-        return m
-
-
-def flux_out(model, call):
-    """The diffusion model of ``model`` (its patches loaded as sampling loads them) on a recorded call."""
-    comfy.model_management.load_models_gpu([model])
-    with torch.no_grad():
-        return model.model.diffusion_model(call["x"], call["t"], call["context"], y=call["y"],
-                                           guidance=call["guidance"], transformer_options={})
-
-
-def weights(model) -> dict:
-    """The base model's weights as stored, with no patched clone loaded (the host folds a loaded
-    clone's LoRAs into the shared weights until it unloads it)."""
-    comfy.model_management.unload_all_models()
-    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
-
-
 def test_fixture_is_flux_dev_as_the_host_detects_it(flux):
     assert type(flux.model).__name__ == "Flux"
     config = flux.model.model_config.unet_config
@@ -142,7 +107,7 @@ def test_merge_equals_chained_lora_loader_model_only(flux, flux_conds):
 
 @pytest.mark.parametrize("stem", ["flux_diffusers", "flux_lokr"])
 def test_switch_with_one_lora_equals_lora_loader_at_every_step(flux, flux_conds, stem):
-    before = weights(flux)
+    before = weight_digests(flux)
     seen, ref_seen = [], []
     ours = sample(apply(flux, stack((file(stem), 0.9)), "switch", interval=1), flux_conds, steps=3,
                   callback=lambda i, x0, x, n: seen.append(x0.clone()))
@@ -150,14 +115,14 @@ def test_switch_with_one_lora_equals_lora_loader_at_every_step(flux, flux_conds,
                  callback=lambda i, x0, x, n: ref_seen.append(x0.clone()))
     assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, ref_seen))
     assert torch.equal(ours, ref)
-    after = weights(flux)
-    assert all(torch.equal(before[k], after[k]) for k in before)  # the base model, bit for bit
+    after = weight_digests(flux)
+    assert before == after  # the base model, bit for bit
 
 
 def test_composite_is_the_mean_of_lora_loader_predictions_in_one_call_per_chunk(flux, flux_conds):
     stems = ["flux_diffusers", "flux_xlabs", "flux_lokr"]
-    before = weights(flux)
-    outer = FluxRecorder()
+    before = weight_digests(flux)
+    outer = CallRecorder()
     model = outer.attach(flux)
     patched = apply(model, stack(*[(file(s), 1.0) for s in stems]), "composite")
     sample(patched, flux_conds, steps=2, cfg=2.0)  # cond and uncond: one host chunk of two rows
@@ -165,10 +130,10 @@ def test_composite_is_the_mean_of_lora_loader_predictions_in_one_call_per_chunk(
     assert runtime_of(patched).last_trace.call_rows == [2 * len(stems)] * 2  # one forward per chunk
     refs = [lora_loader(flux, (file(s), 1.0)) for s in stems]
     for call in outer.calls:
-        expected = sum(flux_out(r, call) for r in refs) / len(refs)
+        expected = sum(call_out(r, call) for r in refs) / len(refs)
         assert torch.allclose(call["out"], expected, atol=2e-4), (call["out"] - expected).abs().max()
-    after = weights(flux)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    after = weight_digests(flux)
+    assert before == after
 
 
 @pytest.mark.parametrize("method", ["merge", "composite"])
@@ -189,11 +154,11 @@ def test_regions_on_flux_image_tokens(flux, flux_conds):
     mask[..., :32] = 1.0  # the left half of the image: 4 of the 8 latent columns, 2 of 4 token columns
     st = stack({"lora_name": file("flux_diffusers"), "strength_model": 1.0, "mask": mask, "mask_feather": 0},
                (file("flux_kohya"), 1.0))
-    outer = FluxRecorder()
+    outer = CallRecorder()
     sample(apply(outer.attach(flux), st, "regions"), flux_conds, steps=1)
     (call,) = outer.calls
-    inside = flux_out(lora_loader(flux, (file("flux_diffusers"), 1.0)), call)
-    outside = flux_out(lora_loader(flux, (file("flux_kohya"), 1.0)), call)
+    inside = call_out(lora_loader(flux, (file("flux_diffusers"), 1.0)), call)
+    outside = call_out(lora_loader(flux, (file("flux_kohya"), 1.0)), call)
     out = call["out"]
     assert torch.allclose(out[..., :4], inside[..., :4], atol=2e-4)
     assert torch.allclose(out[..., 4:], outside[..., 4:], atol=2e-4)
