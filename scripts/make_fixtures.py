@@ -130,10 +130,25 @@ FLUX_CONFIG = {
 }
 
 
+def host_flux_config(config: dict) -> dict:
+    """A Flux-family configuration as this host's Flux class takes it: settings its FluxParams does
+    not have are left out (an older host), and txt_ids_dims, which newer hosts require, is given as
+    their detection gives it for Flux.1 (none) when missing."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    out = {k: v for k, v in config.items() if k in fields or k == "image_model"}
+    if "txt_ids_dims" in fields:
+        out.setdefault("txt_ids_dims", [])
+    return out
+
+
 def _flux_model(device="cpu"):
     import comfy.supported_models
 
-    return comfy.supported_models.Flux(dict(FLUX_CONFIG)).get_model({}, device=device)
+    return comfy.supported_models.Flux(host_flux_config(FLUX_CONFIG)).get_model({}, device=device)
 
 
 def make_flux_unet(path: Path, seed: int = 30) -> None:
@@ -476,6 +491,7 @@ class DiTFixture:
     cond_extra: dict    # what its text-encode node adds to the conditioning (guidance, ...)
     trains: Callable[[str], bool]   # model keys (weights of linear layers) a LoRA trains
     loras: dict         # file stem: (format, which of the host's names, seed)
+    pooled_dim: int | None = None  # width of the pooled text vector it reads (CLIP-L's for Flux.1)
     version: str = "1"
 
     def unsupported(self) -> str | None:
@@ -491,7 +507,9 @@ class DiTFixture:
         except Exception as e:  # the host's model class takes other settings
             return f"this host's {self.title} class does not take the fixture's configuration ({e})"
         detected = comfy.model_detection.detect_unet_config(sd, "") or {}
-        differ = {k: detected.get(k) for k, v in self.config.items() if detected.get(k) != v}
+        differ = {k: detected.get(k) for k, v in self.config.items() if k in detected and detected[k] != v}
+        if not detected or detected.get("image_model") != self.config["image_model"]:
+            differ["image_model"] = detected.get("image_model")
         if differ:
             return f"this host's detection reads the {self.title} fixture as {differ}"
         return None
@@ -503,8 +521,10 @@ class DiTFixture:
     def model(self, device="cpu"):
         import comfy.supported_models
 
-        config = getattr(comfy.supported_models, self.host_class)(dict(self.config))
-        return config.get_model({}, device=device)
+        config = dict(self.config)
+        if config["image_model"] in ("flux", "flux2"):
+            config = host_flux_config(config)
+        return getattr(comfy.supported_models, self.host_class)(config).get_model({}, device=device)
 
 
 def _in_blocks(key: str, *prefixes: str) -> bool:
@@ -512,6 +532,18 @@ def _in_blocks(key: str, *prefixes: str) -> bool:
 
 
 DIT_FIXTURES = {f.key: f for f in [
+    # Flux.1 [schnell]: [dev]'s layers without the guidance embedding (a few steps, cfg 1)
+    DiTFixture(
+        "flux1_schnell", "Flux.1 [schnell]", "FluxSchnell", dict(FLUX_CONFIG, guidance_embed=False),
+        latent=(16, 8), context_dim=4096, cond_extra={}, pooled_dim=768,
+        trains=lambda k: _in_blocks(k, "double_blocks.", "single_blocks.") and not any(m in k for m in _FLUX_MODULATION),
+        loras={
+            "flux1_schnell_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 65),
+            # diffusers: q, k, v and the single blocks' proj_mlp are slices of qkv and linear1 (the
+            # current host also maps Flux.2's names onto Flux.1, which no Flux.1 file has)
+            "flux1_schnell_diffusers": ("peft", lambda name, key: name.startswith("transformer.") and not name.endswith(
+                ("to_qkv_mlp_proj", "attn.to_out")), 66),
+        }),
     DiTFixture(
         "flux2", "Flux.2 [dev] (narrowed)", "Flux2",
         {"image_model": "flux2", "axes_dim": [32, 32, 32, 32], "num_heads": 8, "mlp_ratio": 3.0,

@@ -1,13 +1,15 @@
-"""Flux.2, Z-Image and Qwen-Image on the real host: the parity tests of test_flux.py for each DiT
-fixture of make_fixtures.DIT_FIXTURES (one block of each kind, loaded by the host's UNETLoader).
+"""Flux.1 [schnell], Flux.2, Z-Image and Qwen-Image on the real host: the parity tests of
+test_flux.py (Flux.1 [dev]) for each DiT fixture of make_fixtures.DIT_FIXTURES (one block of each
+kind, loaded by the host's UNETLoader).
 
 A fixture the running host cannot load is skipped with the reason (a host without the model, or
 whose detection reads the fixture's keys as another configuration: the host of late 2025 fixes
 Flux.2 at 48 heads, the 32-billion-parameter width, which a CPU test cannot hold).
 
-The text encoders of these models (Mistral-3 24B, Qwen3-4B, Qwen2.5-VL 7B) cannot run on the CPU
-here, so the conditioning is built in-process: hidden states of each encoder's width, with what
-the model's text-encode node adds (Flux.2's guidance value).
+The text encoders of these models (T5-XXL and CLIP-L, Mistral-3 24B, Qwen3-4B, Qwen2.5-VL 7B)
+cannot run on the CPU here, so the conditioning is built in-process: hidden states of each
+encoder's width, with what the model's text-encode node adds (Flux.1's pooled CLIP-L vector,
+Flux.2's guidance value).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.loras import map_model_lora
 from comfyui_cmlora.nodes.runtime import runtime_of
 
-SLICED = {"flux2_diffusers", "zimage_diffusers", "zimage_lokr"}  # LoRAs on slices of fused layers
+SLICED = {"flux1_schnell_diffusers", "flux2_diffusers", "zimage_diffusers", "zimage_lokr"}  # on slices of fused layers
 PIXELS = 64
 
 
@@ -59,7 +61,10 @@ def conds(fixture):
     g = torch.Generator().manual_seed(5)
 
     def cond(scale):
-        return [[torch.randn(1, 6, fixture.context_dim, generator=g) * scale, dict(fixture.cond_extra)]]
+        extra = dict(fixture.cond_extra)
+        if fixture.pooled_dim:
+            extra["pooled_output"] = torch.randn(1, fixture.pooled_dim, generator=g)
+        return [[torch.randn(1, 6, fixture.context_dim, generator=g) * scale, extra]]
 
     return cond(1.0), cond(0.5)
 
@@ -92,7 +97,9 @@ def test_fixture_is_the_model_the_host_detects(dit):
     fixture, model = dit
     assert type(model.model.model_config).__name__ == fixture.host_class
     config = model.model.model_config.unet_config
-    assert all(config[k] == v for k, v in fixture.config.items())
+    assert config["image_model"] == fixture.config["image_model"]
+    # every setting this host's detection gives is the fixture's (an older host lacks some)
+    assert all(config[k] == v for k, v in fixture.config.items() if k in config)
 
 
 def test_every_layout_maps_all_its_keys_as_the_host_does(dit):
@@ -181,19 +188,26 @@ def test_regions_on_image_tokens(dit):
 
 
 @pytest.fixture(scope="module")
-def flux1_lora(models_dir):
-    """A Flux.1 [dev] LoRA in the kohya layout (two of its layers, at Flux.1's widths)."""
-    name = "test_other_flux1_kohya.safetensors"
-    fx.write_lora(models_dir / "loras" / name, None, None, fmt="kohya", seed=90, named={
-        "lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072), "lora_unet_single_blocks_0_linear2": (3072, 15360)})
-    return name
+def other_loras(models_dir):
+    """{base model: LoRA file}: a Flux.1 and a Qwen-Image LoRA in the kohya layout (two layers each,
+    at their models' widths), to put on the wrong model."""
+    files = {"Flux": ("test_other_flux1_kohya.safetensors", {
+                 "lora_unet_double_blocks_0_img_attn_qkv": (9216, 3072), "lora_unet_single_blocks_0_linear2": (3072, 15360)}),
+             "Qwen-Image": ("test_other_qwen_image_kohya.safetensors", {
+                 "lora_unet_transformer_blocks_0_attn_to_q": (3072, 3072),
+                 "lora_unet_transformer_blocks_0_img_mlp_net_0_proj": (12288, 3072)})}
+    for seed, (name, named) in enumerate(files.values()):
+        fx.write_lora(models_dir / "loras" / name, None, None, fmt="kohya", seed=90 + seed, named=named)
+    return {base: name for base, (name, _) in files.items()}
 
 
-def test_a_lora_for_another_model_names_the_file_and_its_base(dit, flux1_lora):
+def test_a_lora_for_another_model_names_the_file_and_its_base(dit, other_loras):
     """An SD1.5 LoRA matches none of the keys; a Flux.1 LoRA none of Z-Image's or Qwen-Image's, and
-    Flux.2's layer names but not their widths: each error names the file and the model it is for."""
+    Flux.2's layer names but not their widths; a Qwen-Image LoRA none of Flux.1's. Each error names
+    the file and the model it is for."""
     fixture, model = dit
-    for lora, base in [("test_kohya.safetensors", "SD1"), (flux1_lora, "Flux")]:
+    other = "Qwen-Image" if fixture.key.startswith("flux1") else "Flux"
+    for lora, base in [("test_kohya.safetensors", "SD1"), (other_loras[other], other)]:
         with pytest.raises(CMLoRAError) as e:
             apply(model, stack((lora, 1.0)), "composite")
         assert lora in str(e.value) and f"looks like a {base}" in str(e.value)
