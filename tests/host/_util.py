@@ -68,9 +68,11 @@ class Recorder:
         })
         return out
 
-    def attach(self, model, key="test-recorder"):
+    key = "test-recorder"
+
+    def attach(self, model, key=None):
         m = model.clone()
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key, self)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key or self.key, self)
         return m
 
 
@@ -111,14 +113,13 @@ def _cloned(value):
     return value
 
 
-class CallRecorder:
+class CallRecorder(Recorder):
     """A DIFFUSION_MODEL wrapper recording every call of any model's forward as the host made it:
     its arguments by name (whatever the model family calls them and however they were passed;
     the transformer options and empty ControlNet residuals left out) and its output.
     ``call_out`` replays a recorded call on another model."""
 
-    def __init__(self):
-        self.calls = []
+    key = "test-call-recorder"
 
     def __call__(self, executor, *args, **kwargs):
         from comfyui_cmlora.nodes.routed import ModelCall
@@ -131,11 +132,6 @@ class CallRecorder:
         self.calls.append({"values": kept, "x": call.x.clone(), "out": out.clone(),
                            "method": executor.original.__name__})  # forward's inner function
         return out
-
-    def attach(self, model, key="test-call-recorder"):
-        m = model.clone()
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key, self)
-        return m
 
 
 def call_out(model, call):
