@@ -151,10 +151,9 @@ def _flux_model(device="cpu"):
     return comfy.supported_models.Flux(host_flux_config(FLUX_CONFIG)).get_model({}, device=device)
 
 
-def make_flux_unet(path: Path, seed: int = 30) -> None:
-    """A Flux.1 [dev] diffusion model file (the layout of Black Forest Labs' release), bf16 as
-    shared. The RMSNorm scales of the q/k norms are ones, as trained models have them near."""
-    model = _flux_model()
+def save_random_dit(model, path: Path, seed: int, version: str) -> None:
+    """Write a DiT's diffusion model with random weights, bf16 as such models are shared. RMSNorm
+    scales are ones, as trained models have them near. Frees the model's weights."""
     dm = model.diffusion_model
     _init_(dm, seed)
     with torch.no_grad():
@@ -162,7 +161,14 @@ def make_flux_unet(path: Path, seed: int = 30) -> None:
             if name.endswith(".scale"):
                 p.fill_(1.0)
     sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in dm.state_dict().items()}
-    save_file(sd, str(path), metadata={"cmlora_fixture": FIXTURE_VERSION})
+    del dm
+    model.diffusion_model = None
+    save_file(sd, str(path), metadata={"cmlora_fixture": version})
+
+
+def make_flux_unet(path: Path, seed: int = 30) -> None:
+    """A Flux.1 [dev] diffusion model file (the layout of Black Forest Labs' release)."""
+    save_random_dit(_flux_model(), path, seed, FIXTURE_VERSION)
 
 
 def _sdxl_model(device="cpu"):
@@ -492,6 +498,7 @@ class DiTFixture:
     trains: Callable[[str], bool]   # model keys (weights of linear layers) a LoRA trains
     loras: dict         # file stem: (format, which of the host's names, seed)
     pooled_dim: int | None = None  # width of the pooled text vector it reads (CLIP-L's for Flux.1)
+    seed: int = 0       # of its random weights (its own, so adding a fixture changes no other)
     version: str = "1"
 
     def unsupported(self) -> str | None:
@@ -531,12 +538,17 @@ def _in_blocks(key: str, *prefixes: str) -> bool:
     return key.startswith(tuple(f"diffusion_model.{p}" for p in prefixes))
 
 
+def _flux_block_layer(key: str) -> bool:
+    """A Flux (.1 or .2) block's attention or MLP projection, not its modulation."""
+    return _in_blocks(key, "double_blocks.", "single_blocks.") and not any(m in key for m in _FLUX_MODULATION)
+
+
 DIT_FIXTURES = {f.key: f for f in [
     # Flux.1 [schnell]: [dev]'s layers without the guidance embedding (a few steps, cfg 1)
     DiTFixture(
         "flux1_schnell", "Flux.1 [schnell]", "FluxSchnell", dict(FLUX_CONFIG, guidance_embed=False),
-        latent=(16, 8), context_dim=4096, cond_extra={}, pooled_dim=768,
-        trains=lambda k: _in_blocks(k, "double_blocks.", "single_blocks.") and not any(m in k for m in _FLUX_MODULATION),
+        seed=50, latent=(16, 8), context_dim=4096, cond_extra={}, pooled_dim=768,
+        trains=_flux_block_layer,
         loras={
             "flux1_schnell_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 65),
             # diffusers: q, k, v and the single blocks' proj_mlp are slices of qkv and linear1 (the
@@ -552,8 +564,8 @@ DIT_FIXTURES = {f.key: f for f in [
          "txt_ids_dims": [3], "patch_size": 1, "in_channels": 128, "hidden_size": 1024,
          "context_in_dim": 15360, "vec_in_dim": None, "depth": 1, "depth_single_blocks": 1,
          "guidance_embed": True, "yak_mlp": False, "txt_norm": False},
-        latent=(128, 16), context_dim=15360, cond_extra={"guidance": 4.0},
-        trains=lambda k: _in_blocks(k, "double_blocks.", "single_blocks.") and not any(m in k for m in _FLUX_MODULATION),
+        seed=51, latent=(128, 16), context_dim=15360, cond_extra={"guidance": 4.0},
+        trains=_flux_block_layer,
         loras={
             # ai-toolkit's Flux.2 files use the model's own names
             "flux2_bfl": ("peft", lambda name, key: name + ".weight" == key, 60),
@@ -569,7 +581,7 @@ DIT_FIXTURES = {f.key: f for f in [
          "n_layers": 1, "qk_norm": True, "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48],
          "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
          "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32},
-        latent=(16, 8), context_dim=2560, cond_extra={},
+        seed=53, latent=(16, 8), context_dim=2560, cond_extra={},
         # attention only: at this width the host's loader keeps a float32 copy of every patched
         # weight, and the feed-forwards as well would not fit beside the rest of the CI run
         trains=lambda k: _in_blocks(k, "layers.", "noise_refiner.", "context_refiner.") and ".attention." in k,
@@ -582,7 +594,7 @@ DIT_FIXTURES = {f.key: f for f in [
     DiTFixture(
         "qwen_image", "Qwen-Image", "QwenImage",
         {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1},
-        latent=(16, 8), context_dim=3584, cond_extra={},
+        seed=52, latent=(16, 8), context_dim=3584, cond_extra={},
         trains=lambda k: _in_blocks(k, "transformer_blocks.") and "_mod." not in k,
         loras={
             "qwen_image_diffusers": ("peft", lambda name, key: name.startswith("transformer."), 80),
@@ -620,17 +632,7 @@ def ensure_dit_model(models_dir: Path, key: str) -> DiTFixture:
     stamp = models_dir / f".cmlora_{key}_version"
     if stamp.exists() and stamp.read_text().strip() == fixture.version and (unet_dir / fixture.file).exists():
         return fixture
-    model = fixture.model()
-    dm = model.diffusion_model
-    _init_(dm, seed=50 + sorted(DIT_FIXTURES).index(key))
-    with torch.no_grad():
-        for name, p in dm.named_parameters():
-            if name.endswith(".scale"):  # RMSNorm scales near one, as in trained models
-                p.fill_(1.0)
-    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in dm.state_dict().items()}
-    del model, dm
-    save_file(sd, str(unet_dir / fixture.file), metadata={"cmlora_fixture": fixture.version})
-    del sd
+    save_random_dit(fixture.model(), unet_dir / fixture.file, fixture.seed, fixture.version)
     meta = fixture.model(device="meta")
     key_map = comfy.lora.model_lora_keys_unet(meta, {})
     model_sd = meta.state_dict()
