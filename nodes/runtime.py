@@ -105,7 +105,7 @@ class _SamplerSample(PatcherEntry):
 class _PredictNoise(PatcherEntry):
     """One evaluation of the sampler (all model calls of one denoised prediction)."""
 
-    def __call__(self, executor, x, timestep, model_options={}, *args, **kwargs):
+    def __call__(self, executor, x, timestep, model_options, *args, **kwargs):
         self.running(model_options["transformer_options"]).evaluation(model_options["transformer_options"], timestep)
         return executor(x, timestep, model_options, *args, **kwargs)
 

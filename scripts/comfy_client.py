@@ -25,10 +25,16 @@ def free_port() -> int:
 
 
 class Server:
-    """A ComfyUI server process on 127.0.0.1 (CPU), stopped on exit of the with-block."""
+    """A ComfyUI server process on 127.0.0.1 (CPU), stopped on exit of the with-block.
+
+    ``pytorch_attention`` starts it with ``--use-pytorch-cross-attention``: on the CPU the host
+    otherwise picks its sub-quadratic attention, which is several times slower there for the small
+    images the demo and tests make (BENCHMARKS.md, "Attention on the CPU")."""
 
     def __init__(self, host_dir: Path, python: str = sys.executable, output_dir: Path | None = None,
-                 extra_model_paths: Path | None = None, log_path: Path | None = None):
+                 extra_model_paths: Path | None = None, log_path: Path | None = None,
+                 pytorch_attention: bool = True):
+        self.pytorch_attention = pytorch_attention
         self.host_dir, self.python = Path(host_dir), python
         self.output_dir, self.extra_model_paths, self.log_path = output_dir, extra_model_paths, log_path
         self.port = free_port()
@@ -38,6 +44,8 @@ class Server:
     def __enter__(self):
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--disable-metadata"]
+        if self.pytorch_attention:
+            cmd.append("--use-pytorch-cross-attention")
         if self.output_dir:
             cmd += ["--output-directory", str(self.output_dir)]
         if self.extra_model_paths:
@@ -120,7 +128,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     optional), with the extra 'control_after_generate' value that seeds carry; links become
     [source node id, output slot].
     """
-    links = {l[0]: l for l in workflow["links"]}
+    links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
         if node.get("mode", 0) in (2, 4) or node["type"] in FRONTEND_ONLY:  # muted / bypassed / notes

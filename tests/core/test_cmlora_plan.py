@@ -28,10 +28,10 @@ def test_dominant_weights():
 
 
 def test_sets():
-    h, l = split_sets([0.30, 0.10, 0.45, 0.20], baseline=0.25, categories=["auto", "auto", "auto", "auto"])
-    assert (h, l) == ([2, 0], [3, 1])
-    h, l = split_sets([0.30, 0.10, 0.45, 0.20], 0.25, ["background", "character", "auto", "auto"])
-    assert (h, l) == ([2, 1], [0, 3])  # categories override the measurement
+    h, low = split_sets([0.30, 0.10, 0.45, 0.20], baseline=0.25, categories=["auto", "auto", "auto", "auto"])
+    assert (h, low) == ([2, 0], [3, 1])
+    h, low = split_sets([0.30, 0.10, 0.45, 0.20], 0.25, ["background", "character", "auto", "auto"])
+    assert (h, low) == ([2, 1], [0, 3])  # categories override the measurement
     assert sets_from_categories(["character", "background", "style"]) == ([0, 2], [1])
 
 

@@ -63,8 +63,8 @@ def test_lora_names_resolve_only_inside_the_loras_folders(models_dir, tmp_path):
              "../checkpoints/" + checkpoint.name, "../../../../../../../../etc/hostname"]
     messages = set()
     for name in names:
-        for call in (lambda: LoraStackNode.execute(lora_name=name, **STACK_ARGS),
-                     lambda: StackFromLoraStack.execute(lora_stack=[(name, 1.0, 1.0)])):
+        for call in (lambda name=name: LoraStackNode.execute(lora_name=name, **STACK_ARGS),
+                     lambda name=name: StackFromLoraStack.execute(lora_stack=[(name, 1.0, 1.0)])):
             with pytest.raises(CMLoRAError) as e:
                 call()
             assert e.value.input in ("lora_name", "lora_stack")

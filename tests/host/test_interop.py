@@ -443,7 +443,7 @@ def test_attention_both_loss_is_the_mean_of_conditional_and_unconditional_maps(s
         branch_model = lora_loader(sd15[0], (STYLE, 1.0), *extra)
         maps = []
 
-        def capture(q, k, v, extra_options):
+        def capture(q, k, v, extra_options, maps=maps):
             key = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
             if key in targets:
                 h = extra_options["n_heads"]
