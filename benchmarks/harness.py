@@ -40,13 +40,6 @@ SDXL_FULL = {
 }
 
 
-# Flux.1 [dev] at full size: 19 double-stream and 38 single-stream blocks of width 3072
-FLUX_FULL = {
-    "image_model": "flux", "axes_dim": [16, 56, 56], "num_heads": 24, "mlp_ratio": 4.0, "theta": 10000,
-    "out_channels": 16, "qkv_bias": True, "in_channels": 16, "hidden_size": 3072, "context_in_dim": 4096,
-    "patch_size": 2, "vec_in_dim": 768, "depth": 19, "depth_single_blocks": 38, "guidance_embed": True,
-}
-
 
 @dataclass(frozen=True)
 class Arch:
@@ -132,10 +125,10 @@ def unet_config(arch_key: str) -> dict:
         return dict(SD15_FULL)
     if arch_key == "sdxl":
         return dict(SDXL_FULL)
-    if arch_key == "flux":
-        return dict(FLUX_FULL)
     import make_fixtures
 
+    if arch_key == "flux":  # the test fixture's Flux.1 [dev] at full depth: 19 double and 38 single blocks
+        return dict(make_fixtures.DIT_FIXTURES["flux1_dev"].config, depth=19, depth_single_blocks=38)
     if arch_key == "fixture":
         return dict(make_fixtures.SD15_UNET)
     # the test fixture's layout (three levels, attention at each) at width 128 instead of 320,

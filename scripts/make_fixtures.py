@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +34,6 @@ FIXTURE_VERSION = "5"
 CHECKPOINT = "cmlora_tiny_sd15.safetensors"
 SDXL_UNET = "cmlora_tiny_sdxl_unet.safetensors"
 SD15_FP8_UNET = "cmlora_tiny_sd15_unet_scaled_fp8.safetensors"
-FLUX_UNET = "cmlora_tiny_flux1_dev_unet.safetensors"
 
 # SD1.5's widths (detection needs model_channels 320, context_dim 768) with three levels of
 # one block each instead of four levels of two: the latent is divided by 4 at the deepest
@@ -145,30 +144,46 @@ def host_flux_config(config: dict) -> dict:
     return out
 
 
-def _flux_model(device="cpu"):
-    import comfy.supported_models
+def _dit_weight(name: str, shape, gen: torch.Generator) -> torch.Tensor:
+    """One random DiT weight, as _init_ draws it, with every norm's scale ones (RMSNorm scales are
+    ``.scale`` on some hosts, ``.weight`` on others; trained models have them near one)."""
+    if len(shape) >= 2:
+        return torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+    if name.endswith(".scale") or (name.endswith("weight") and ("norm" in name or "ln" in name.split(".")[-2])):
+        return torch.ones(shape)
+    return torch.randn(shape, generator=gen) * 0.02
 
-    return comfy.supported_models.Flux(host_flux_config(FLUX_CONFIG)).get_model({}, device=device)
+
+def _init_dit_(dm: torch.nn.Module, seed: int) -> None:
+    """Random DiT weights in place (_dit_weight, in parameter order from one seeded generator)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in dm.named_parameters():
+            p.copy_(_dit_weight(name, tuple(p.shape), gen))
+
+
+def dit_file_key(image_model: str, key: str) -> str:
+    """A DiT weight's name as released files name it. Flux-family QK-norm scales are ``*_norm.scale``
+    in Black Forest Labs' files; newer hosts name the module's parameter ``*_norm.weight`` and convert
+    released names when loading, older ones use ``.scale`` throughout. Writing the release's name
+    makes the file the same whichever host wrote it."""
+    if image_model in ("flux", "flux2") and key.endswith("_norm.weight"):
+        return key[:-len("weight")] + "scale"
+    return key
 
 
 def save_random_dit(model, path: Path, seed: int, version: str) -> None:
-    """Write a DiT's diffusion model with random weights, bf16 as such models are shared. RMSNorm
-    scales are ones, as trained models have them near. Frees the model's weights."""
+    """Write a DiT's diffusion model (built on the meta device) with random weights, bf16 as such
+    models are shared, named as released (dit_file_key). Each weight is drawn as _init_dit_ draws
+    it, one at a time, so only the bf16 file's tensors are ever held (a 1.8 GB Z-Image file needs
+    1.8 GB, not a float32 model beside it)."""
     dm = model.diffusion_model
-    _init_(dm, seed)
-    with torch.no_grad():
-        for name, p in dm.named_parameters():
-            if name.endswith(".scale"):
-                p.fill_(1.0)
-    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in dm.state_dict().items()}
-    del dm
-    model.diffusion_model = None
+    image_model = model.model_config.unet_config.get("image_model", "")
+    gen = torch.Generator().manual_seed(seed)
+    sd = {dit_file_key(image_model, name): _dit_weight(name, tuple(p.shape), gen).to(torch.bfloat16)
+          for name, p in dm.named_parameters()}
+    assert len(sd) == len(dm.state_dict()), "a DiT with buffers in its state dict: write them too"
     save_file(sd, str(path), metadata={"cmlora_fixture": version})
-
-
-def make_flux_unet(path: Path, seed: int = 30) -> None:
-    """A Flux.1 [dev] diffusion model file (the layout of Black Forest Labs' release)."""
-    save_random_dit(_flux_model(), path, seed, FIXTURE_VERSION)
 
 
 def _sdxl_model(device="cpu"):
@@ -415,75 +430,23 @@ def ensure_test_loras(models_dir: Path) -> None:
     stamp.write_text(FIXTURE_VERSION)
 
 
-# Flux.1 LoRA files in the layouts artists download, each named through the host's key map:
-#   kohya     lora_unet_double_blocks_0_img_attn_qkv.lora_down/up (whole fused layers)
-#   bfl       diffusion_model.double_blocks.0.img_attn.qkv.lora_A/B (Black Forest Labs, ai-toolkit)
-#   diffusers transformer.transformer_blocks.0.attn.to_q.lora_A/B (diffusers/PEFT: q, k, v and the
-#             single blocks' proj_mlp are slices of the fused qkv and linear1)
-#   xlabs     diffusion_model.single_blocks.0.linear1_qkv.lora_down/up (what the hosts make of an
-#             XLabs file: its single-block LoRA covers the q, k, v slice of linear1)
-#   lokr      LyCORIS LoKr on the diffusers names of the attention's q, k, v (dense deltas on
-#             slices; only there, since a dense delta holds a full float32 copy of what it patches)
-# Every file patches the attention and MLP projections of the blocks, not the modulation layers.
-FLUX_FIXTURE_VERSION = "2"
-FLUX_LORAS = {  # file stem: (format, which of the host's names, seed)
-    "flux_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 40),
-    "flux_bfl": ("peft", lambda name, key: name + ".weight" == key, 41),
-    "flux_diffusers": ("peft", lambda name, key: name.startswith("transformer."), 42),
-    "flux_xlabs": ("kohya", lambda name, key: name.endswith(".linear1_qkv"), 43),
-    "flux_lokr": ("lokr", lambda name, key: name.startswith("lycoris_") and name.endswith(("_to_q", "_to_k", "_to_v")), 44),
-}
-_FLUX_MODULATION = ("_mod.lin.", ".modulation.lin.")
-
-
-def flux_lora_names(model_sd: dict, key_map: dict, layout) -> dict[str, tuple]:
-    """{LoRA key name: shape of what it patches} for the Flux blocks' linear layers, for the host key
-    map's names that ``layout(name, model key)`` picks; a name that patches a slice of a fused
-    layer gets the slice's shape."""
-    named = {}
-    for name, target in sorted(key_map.items()):
-        key, offset = (target, None) if isinstance(target, str) else target[:2]
-        if not layout(name, key):
-            continue
-        if not key.endswith(".weight") or "_blocks." not in key or model_sd[key].ndim != 2 \
-                or any(m in key for m in _FLUX_MODULATION):
-            continue
-        out_dim, in_dim = model_sd[key].shape
-        named[name] = (offset[2] if offset else out_dim, in_dim)
-    return named
-
-
-def ensure_flux_models(models_dir: Path) -> None:
-    """The reduced Flux.1 [dev] diffusion model and its LoRA files (FLUX_LORAS), if missing."""
-    import comfy.lora
-
-    unet_dir, lora_dir = models_dir / "diffusion_models", models_dir / "loras"
-    unet_dir.mkdir(parents=True, exist_ok=True)
-    lora_dir.mkdir(parents=True, exist_ok=True)
-    stamp = models_dir / ".cmlora_flux_version"
-    if stamp.exists() and stamp.read_text().strip() == FLUX_FIXTURE_VERSION and (unet_dir / FLUX_UNET).exists():
-        return
-    make_flux_unet(unet_dir / FLUX_UNET)
-    meta = _flux_model(device="meta")
-    key_map = comfy.lora.model_lora_keys_unet(meta, {})
-    model_sd = meta.state_dict()
-    for stem, (fmt, layout, seed) in FLUX_LORAS.items():
-        named = flux_lora_names(model_sd, key_map, layout)
-        write_lora(lora_dir / f"test_{stem}.safetensors", None, None, fmt=fmt, seed=seed, named=named,
-                   trigger=stem.split("_")[1])
-    stamp.write_text(FLUX_FIXTURE_VERSION)
-
-
-# ---------------------------------------------------------------- other DiT models
+# ---------------------------------------------------------------- DiT models
 #
-# Flux.2, Z-Image and Qwen-Image with one block of each kind, built from the configuration the
-# hosts' detection derives from a released file, at the widths that detection fixes (Z-Image is
-# told from Lumina 2 by its width 3840; Qwen-Image's widths are constants of the model class).
-# Flux.2's detection on the current host derives its head count from the width, so its fixture
-# is narrower than any release (hidden size 1024, 8 heads); a host whose detection fixes Flux.2
-# at 48 heads (a 6144 width, the 32-billion-parameter [dev]) cannot load it, and the tests say
-# so. Every LoRA file patches attention and MLP projections in the layouts trainers write,
-# named through the host's own key map, and never the modulation layers.
+# Flux.1 [dev] and [schnell], Flux.2, Z-Image and Qwen-Image with one block of each kind, built
+# from the configuration the hosts' detection derives from a released file, at the widths that
+# detection fixes (Flux.1's 24 heads of 128 channels; Z-Image is told from Lumina 2 by its width
+# 3840; Qwen-Image's widths are constants of the model class). Flux.2's detection on the current
+# host derives its head count from the width, so its fixture is narrower than any release (hidden
+# size 1024, 8 heads); a host whose detection fixes Flux.2 at 48 heads (a 6144 width, the
+# 32-billion-parameter [dev]) cannot load it, and the tests say so. Every LoRA file patches
+# attention and MLP projections in the layouts trainers write, named through the host's own key
+# map, and never the modulation layers.
+#
+# Each fixture also has a narrow twin (``narrow``): the same model class and layer layout at a
+# fraction of the width, built in-process (never written as a model file; no host detects such a
+# width), with LoRA files of the same layouts at its widths. The tests that compare the pack's
+# sampling with the host's LoraLoader run on the twin; the tests of the host's loader path
+# (detection, key maps, the checks of a file against a model) on the full-width file.
 
 
 @dataclass(frozen=True)
@@ -498,8 +461,15 @@ class DiTFixture:
     trains: Callable[[str], bool]   # model keys (weights of linear layers) a LoRA trains
     loras: dict         # file stem: (format, which of the host's names, seed)
     pooled_dim: int | None = None  # width of the pooled text vector it reads (CLIP-L's for Flux.1)
+    # file stem: the fused weights whose slices the file patches (q, k, v of a fused qkv, ...), as
+    # the host's key map sends them; a stem not listed patches whole weights only
+    sliced: dict = field(default_factory=dict)
+    # the narrow twin: settings that replace the config's (its width and the text encoder's),
+    # and the widths of its text inputs (hidden states, pooled vector)
+    narrow: dict = field(default_factory=dict)
+    narrow_text: tuple = (64, None)
     seed: int = 0       # of its random weights (its own, so adding a fixture changes no other)
-    version: str = "1"
+    version: str = "2"
 
     def unsupported(self) -> str | None:
         """Why the running host cannot load this fixture, or None: it lacks the model class, or its
@@ -525,17 +495,44 @@ class DiTFixture:
     def file(self) -> str:
         return f"cmlora_tiny_{self.key}_unet.safetensors"
 
-    def model(self, device="cpu"):
+    def model(self, device="cpu", narrow: bool = False):
+        """The host's model of this fixture's class, weights uninitialised (or the narrow twin's)."""
         import comfy.supported_models
 
-        config = dict(self.config)
+        config = dict(self.config, **(self.narrow if narrow else {}))
         if config["image_model"] in ("flux", "flux2"):
             config = host_flux_config(config)
-        return getattr(comfy.supported_models, self.host_class)(config).get_model({}, device=device)
+        model_config = getattr(comfy.supported_models, self.host_class)(config)
+        model_config.set_inference_dtype(torch.float32, None)
+        return model_config.get_model({}, device=device)
+
+    def narrow_file(self, stem: str) -> str:
+        """The name of the narrow twin's LoRA file of layout ``stem``."""
+        return f"test_{stem}_narrow.safetensors"
+
+    def narrow_patcher(self):
+        """The narrow twin as the host wraps a loaded model (a ModelPatcher on the CPU), with the
+        fixture's random weights: float32, as the host runs a model on the CPU."""
+        import comfy.model_patcher
+
+        model = self.model(narrow=True)
+        _init_dit_(model.diffusion_model, self.seed)
+        cpu = torch.device("cpu")
+        return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
 def _in_blocks(key: str, *prefixes: str) -> bool:
     return key.startswith(tuple(f"diffusion_model.{p}" for p in prefixes))
+
+
+# the fused Flux.1 weights a diffusers file patches on slices: q, k, v of each stream's qkv, and the
+# single block's q, k, v and proj_mlp of linear1
+_ZIMAGE_QKV = {f"{block}.attention.qkv" for block in ("layers.0", "noise_refiner.0", "noise_refiner.1",
+                                                     "context_refiner.0", "context_refiner.1")}
+_FLUX1_SLICED = {"double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "single_blocks.0.linear1"}
+
+
+_FLUX_MODULATION = ("_mod.lin.", ".modulation.lin.")
 
 
 def _flux_block_layer(key: str) -> bool:
@@ -543,7 +540,32 @@ def _flux_block_layer(key: str) -> bool:
     return _in_blocks(key, "double_blocks.", "single_blocks.") and not any(m in key for m in _FLUX_MODULATION)
 
 
+# the diffusers names of Flux.2's layers, which the current host also maps onto Flux.1 and no Flux.1 file has
+_FLUX2_DIFFUSERS = ("to_qkv_mlp_proj", "attn.to_out", ".linear_in", ".linear_out")
+_FLUX1_NARROW = {"hidden_size": 256, "num_heads": 2, "context_in_dim": 64, "vec_in_dim": 32}  # heads of 128
+
 DIT_FIXTURES = {f.key: f for f in [
+    DiTFixture(
+        "flux1_dev", "Flux.1 [dev]", "Flux", FLUX_CONFIG,
+        seed=30, latent=(16, 8), context_dim=4096, cond_extra={"guidance": 3.5}, pooled_dim=768,
+        trains=_flux_block_layer,
+        loras={
+            # diffusers/PEFT: q, k, v of both streams and the single block's q, k, v and proj_mlp are
+            # slices of the fused qkv and linear1
+            "flux_diffusers": ("peft", lambda name, key: name.startswith("transformer.") and not name.endswith(
+                _FLUX2_DIFFUSERS), 42),
+            # kohya: whole fused layers (lora_unet_double_blocks_0_img_attn_qkv)
+            "flux_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 40),
+            # Black Forest Labs / ai-toolkit: the model's own names
+            "flux_bfl": ("peft", lambda name, key: name + ".weight" == key, 41),
+            # what the hosts make of an XLabs file: its single-block LoRA covers linear1's q, k, v slice
+            "flux_xlabs": ("kohya", lambda name, key: name.endswith(".linear1_qkv"), 43),
+            # LyCORIS LoKr on the diffusers names of the attention's q, k, v (dense deltas on slices)
+            "flux_lokr": ("lokr", lambda name, key: name.startswith("lycoris_") and name.endswith(("_to_q", "_to_k", "_to_v")), 44),
+        },
+        sliced={"flux_diffusers": _FLUX1_SLICED, "flux_xlabs": {"single_blocks.0.linear1"},
+                "flux_lokr": {"double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"}},
+        narrow=_FLUX1_NARROW, narrow_text=(64, 32)),
     # Flux.1 [schnell]: [dev]'s layers without the guidance embedding (a few steps, cfg 1)
     DiTFixture(
         "flux1_schnell", "Flux.1 [schnell]", "FluxSchnell", dict(FLUX_CONFIG, guidance_embed=False),
@@ -551,11 +573,11 @@ DIT_FIXTURES = {f.key: f for f in [
         trains=_flux_block_layer,
         loras={
             "flux1_schnell_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 65),
-            # diffusers: q, k, v and the single blocks' proj_mlp are slices of qkv and linear1 (the
-            # current host also maps Flux.2's names onto Flux.1, which no Flux.1 file has)
             "flux1_schnell_diffusers": ("peft", lambda name, key: name.startswith("transformer.") and not name.endswith(
-                ("to_qkv_mlp_proj", "attn.to_out")), 66),
-        }),
+                _FLUX2_DIFFUSERS), 66),
+        },
+        sliced={"flux1_schnell_diffusers": _FLUX1_SLICED},
+        narrow=_FLUX1_NARROW, narrow_text=(64, 32)),
     DiTFixture(
         "flux2", "Flux.2 [dev] (narrowed)", "Flux2",
         {"image_model": "flux2", "axes_dim": [32, 32, 32, 32], "num_heads": 8, "mlp_ratio": 3.0,
@@ -574,7 +596,9 @@ DIT_FIXTURES = {f.key: f for f in [
             "flux2_diffusers": ("peft", lambda name, key: name.startswith("transformer.") and not (
                 "single_transformer_blocks" in name and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "proj_mlp")), 61),
             "flux2_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 62),
-        }),
+        },
+        sliced={"flux2_diffusers": {"double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv"}},
+        narrow={"hidden_size": 256, "num_heads": 2, "context_in_dim": 64}),
     DiTFixture(
         "zimage", "Z-Image", "ZImage",
         {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3840, "cap_feat_dim": 2560,
@@ -590,7 +614,9 @@ DIT_FIXTURES = {f.key: f for f in [
             "zimage_diffusers": ("peft", lambda name, key: name.startswith("diffusion_model.") and not name.endswith(".qkv"), 70),
             "zimage_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 71),
             "zimage_lokr": ("lokr", lambda name, key: name.startswith("lycoris_layers_") and name.endswith(("_to_q", "_to_k", "_to_v")), 72),
-        }),
+        },
+        sliced={"zimage_diffusers": _ZIMAGE_QKV, "zimage_lokr": {"layers.0.attention.qkv"}},
+        narrow={"dim": 256, "n_heads": 2, "n_kv_heads": 2, "cap_feat_dim": 64}),
     DiTFixture(
         "qwen_image", "Qwen-Image", "QwenImage",
         {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1},
@@ -600,7 +626,8 @@ DIT_FIXTURES = {f.key: f for f in [
             "qwen_image_diffusers": ("peft", lambda name, key: name.startswith("transformer."), 80),
             "qwen_image_kohya": ("kohya", lambda name, key: name.startswith("lora_unet_"), 81),
             "qwen_image_lokr": ("lokr", lambda name, key: name.startswith("lycoris_") and "_attn_" in name, 82),
-        }),
+        },
+        narrow={"num_attention_heads": 2, "joint_attention_dim": 64}),
 ]}
 
 
@@ -621,25 +648,62 @@ def dit_lora_names(fixture: DiTFixture, model_sd: dict, key_map: dict, layout) -
     return named
 
 
-def ensure_dit_model(models_dir: Path, key: str) -> DiTFixture:
-    """One DiT fixture's diffusion model (bf16, as released) and LoRA files, if missing."""
+def _dit_layout(fixture: DiTFixture, meta_model, with_file: bool = True) -> tuple[str, dict]:
+    """(digest, {stem: {LoRA key name: shape}}) of what this host would write for ``meta_model`` (the
+    fixture or its narrow twin on the meta device): the model file's weight names and shapes, and
+    the LoRA names the host's key map gives (only these for the narrow twin, which has no model
+    file). Files written under another host are reused when the
+    digest is the same (both CI passes share one cache), rewritten when it differs (Z-Image: the
+    host of late 2025 has a final norm weight that the newer one dropped)."""
+    import hashlib
+
     import comfy.lora
 
+    key_map = comfy.lora.model_lora_keys_unet(meta_model, {})
+    model_sd = meta_model.state_dict()
+    loras = {stem: dit_lora_names(fixture, model_sd, key_map, layout) for stem, (_, layout, _) in fixture.loras.items()}
+    image_model = fixture.config["image_model"]
+    h = hashlib.sha256()
+    if with_file:
+        h.update(repr(sorted((dit_file_key(image_model, k), tuple(v.shape)) for k, v in model_sd.items())).encode())
+    h.update(repr(sorted((stem, sorted(named.items())) for stem, named in loras.items())).encode())
+    return f"{fixture.version} {h.hexdigest()[:16]}", loras
+
+
+def _write_dit_loras(fixture: DiTFixture, loras: dict, lora_dir: Path, file_of) -> None:
+    for stem, (fmt, _, seed) in fixture.loras.items():
+        write_lora(lora_dir / file_of(stem), None, None, fmt=fmt, seed=seed, named=loras[stem])
+
+
+def ensure_dit_model(models_dir: Path, key: str) -> DiTFixture:
+    """One DiT fixture's diffusion model file (bf16, as released) and LoRA files, if missing."""
     fixture = DIT_FIXTURES[key]
     unet_dir, lora_dir = models_dir / "diffusion_models", models_dir / "loras"
     unet_dir.mkdir(parents=True, exist_ok=True)
     lora_dir.mkdir(parents=True, exist_ok=True)
     stamp = models_dir / f".cmlora_{key}_version"
-    if stamp.exists() and stamp.read_text().strip() == fixture.version and (unet_dir / fixture.file).exists():
+    digest, loras = _dit_layout(fixture, fixture.model(device="meta"))
+    if stamp.exists() and stamp.read_text().strip() == digest and (unet_dir / fixture.file).exists():
         return fixture
-    save_random_dit(fixture.model(), unet_dir / fixture.file, fixture.seed, fixture.version)
-    meta = fixture.model(device="meta")
-    key_map = comfy.lora.model_lora_keys_unet(meta, {})
-    model_sd = meta.state_dict()
-    for stem, (fmt, layout, seed) in fixture.loras.items():
-        named = dit_lora_names(fixture, model_sd, key_map, layout)
-        write_lora(lora_dir / f"test_{stem}.safetensors", None, None, fmt=fmt, seed=seed, named=named)
-    stamp.write_text(fixture.version)
+    log.info("writing the %s fixture to %s", fixture.title, unet_dir)
+    save_random_dit(fixture.model(device="meta"), unet_dir / fixture.file, fixture.seed, fixture.version)
+    _write_dit_loras(fixture, loras, lora_dir, lambda stem: f"test_{stem}.safetensors")
+    stamp.write_text(digest)
+    return fixture
+
+
+def ensure_dit_narrow_loras(models_dir: Path, key: str) -> DiTFixture:
+    """The LoRA files of one DiT fixture's narrow twin (its layouts at the twin's widths), if missing."""
+    fixture = DIT_FIXTURES[key]
+    lora_dir = models_dir / "loras"
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    stamp = models_dir / f".cmlora_{key}_narrow_version"
+    digest, loras = _dit_layout(fixture, fixture.model(device="meta", narrow=True), with_file=False)
+    if stamp.exists() and stamp.read_text().strip() == digest \
+            and all((lora_dir / fixture.narrow_file(stem)).exists() for stem in fixture.loras):
+        return fixture
+    _write_dit_loras(fixture, loras, lora_dir, fixture.narrow_file)
+    stamp.write_text(digest)
     return fixture
 
 

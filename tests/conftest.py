@@ -5,6 +5,8 @@ host found by scripts/setup.sh (``.host/ComfyUI``) or at ``COMFYUI_PATH``.
 """
 from __future__ import annotations
 
+import resource
+
 import pytest
 
 from _host import CACHE, import_host
@@ -17,13 +19,19 @@ def pack():
 
 @pytest.fixture(scope="session")
 def models_dir(pack):
-    """The generated checkpoint and every LoRA file the tests use, registered with the host."""
+    """The generated checkpoint, the DiT files this host loads and every LoRA file the tests use,
+    registered with the host (written once; both hosts' passes share them where they are the same)."""
     import folder_paths
     import make_fixtures as fx
 
     CACHE.mkdir(parents=True, exist_ok=True)
     fx.ensure_demo_models(CACHE)
     fx.ensure_test_loras(CACHE)
+    # the DiT files too, now, while this process holds no model: writing one takes its size in memory
+    for key, fixture in fx.DIT_FIXTURES.items():
+        if fixture.unsupported() is None:
+            fx.ensure_dit_model(CACHE, key)
+            fx.ensure_dit_narrow_loras(CACHE, key)
     folder_paths.add_model_folder_path("checkpoints", str(CACHE / "checkpoints"), is_default=True)
     folder_paths.add_model_folder_path("loras", str(CACHE / "loras"), is_default=True)
     folder_paths.add_model_folder_path("diffusion_models", str(CACHE / "diffusion_models"), is_default=True)
@@ -53,3 +61,11 @@ def conds(sd15):
     pos = clip.encode_from_tokens_scheduled(clip.tokenize("a sks cat in a garden"))
     neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
     return pos, neg
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The memory figures CI prints: the pytest process's peak resident memory, and the largest of
+    the processes it started and waited for (the e2e tests' ComfyUI server, the demo's)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    terminalreporter.write_line(f"pytest peak RSS: {own:.1f} GiB (largest child process: {children:.1f} GiB)")

@@ -103,6 +103,18 @@ def stepwise_reference(models, conds, sampler, steps, seed=1, cfg=5.0, scheduler
     return latent["samples"]
 
 
+_ONCE: dict = {}
+
+
+def once(key, compute):
+    """``compute()`` the first time ``key`` is asked for in this session, the kept result after: a
+    reference shared by the parametrizations of a test (the key names everything it depends on;
+    the session-scoped models and conditioning never change)."""
+    if key not in _ONCE:
+        _ONCE[key] = compute()
+    return _ONCE[key]
+
+
 def _cloned(value):
     if torch.is_tensor(value):
         return value.clone()
@@ -138,21 +150,31 @@ def call_out(model, call):
     """The diffusion model of ``model`` (its patches loaded as sampling loads them) on a call
     recorded by CallRecorder: the function the wrapper wrapped (forward's inner ``_forward``,
     whose argument names the record holds), every argument passed by name."""
+    return calls_out(model, [call])[0]
+
+
+def calls_out(model, calls):
+    """``call_out`` of each recorded call, with ``model``'s patches loaded once for all of them."""
     with torch.no_grad():
         comfy.model_management.load_models_gpu([model])
-        inner = getattr(model.model.diffusion_model, call["method"])
-        return inner(**call["values"], transformer_options={})
+        dm = model.model.diffusion_model
+        return [getattr(dm, call["method"])(**call["values"], transformer_options={}) for call in calls]
 
 
-def weight_digests(model) -> dict:
-    """A digest of each of the base model's weights as stored, with no patched clone loaded (the host
-    folds a loaded clone's LoRAs into the shared weights until it unloads it). Equal digests mean
-    bit-identical weights; a digest instead of a copy keeps multi-GB models' tests in memory."""
+def weight_digests(model, keys) -> dict:
+    """A digest of each of the base model's weights named in ``keys`` (state-dict keys of the model,
+    ``diffusion_model.`` and the rest), as stored, with no patched clone loaded (the host folds a
+    loaded clone's LoRAs into the shared weights until it unloads it). Equal digests mean
+    bit-identical weights; digests of the weights a test patches, instead of copies of the whole
+    model, keep the tests of large models cheap in memory and time."""
     import hashlib
 
     comfy.model_management.unload_all_models()
+    weights = model.model.state_dict()
     out = {}
-    for k, v in model.model.diffusion_model.state_dict().items():
+    for k in sorted(keys):
+        v = weights[k]
         raw = v.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # the bytes, any dtype
         out[k] = (v.dtype, tuple(v.shape), hashlib.blake2b(memoryview(raw), digest_size=16).hexdigest())
+    assert out, "no weights to compare"
     return out

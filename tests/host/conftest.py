@@ -1,20 +1,32 @@
-"""Integration tests import the real host at collection time (see tests/_host.py)."""
+"""Integration tests import the real host at collection time (see tests/_host.py).
+
+Memory: the host keeps the models it last loaded (and the patched clones of them) until told to
+unload, so a module-scoped model would outlive its module. Every module of tests/host ends by
+unloading them. Tests marked ``large_model`` (DiTs at the widths the host's detection needs) run
+first among the host tests, before the session-scoped SD1.5 and SDXL models of the others load.
+"""
+import gc
+
+import pytest
+
 from _host import import_host
 
 import_host()
 
-# Modules whose models are large enough that they run before the rest of tests/host: the Flux
-# model is about 2 GB in float32 and a LoRA-patched clone of it as much again (Z-Image's 3.6 GB);
-# their module-scoped fixtures free them when the module (or its model's parameter) ends, so the session-scoped SD models that the other modules
-# accumulate never share memory with it (on the 24 GB CI machine the whole suite with Flux last ran
-# out of memory).
-FIRST = ("test_flux.py", "test_dit.py")
-
 
 def pytest_collection_modifyitems(session, config, items):
-    first = [i for i in items if i.path.name in FIRST]
-    if first:
-        rest = [i for i in items if i.path.name not in FIRST]
+    large = [i for i in items if i.get_closest_marker("large_model")]
+    if large:
+        rest = [i for i in items if not i.get_closest_marker("large_model")]
         host = [k for k, i in enumerate(rest) if "tests/host/" in i.path.as_posix()]
         at = host[0] if host else len(rest)
-        items[:] = rest[:at] + first + rest[at:]
+        items[:] = rest[:at] + large + rest[at:]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _unload_at_module_end():
+    yield
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()
