@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from _host import HOST, REPO, import_host
+from _host import CHROMIUM, HOST, REPO, browser_missing, import_host
 
 import_host()
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_client import Server  # noqa: E402
 
-# The browser: Debian's own chromium package, never one Playwright downloads.
-CHROMIUM = Path(os.environ.get("CMLORA_CHROMIUM") or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
@@ -69,14 +67,11 @@ def _no_browser(reason: str):
 def browser():
     """Chromium from /usr/bin/chromium (or $CMLORA_CHROMIUM) through Playwright, headless, with a fresh
     profile; each test opens its own context (fresh storage)."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _no_browser("Playwright is not installed in this environment: run scripts/setup.sh "
-                    "(it installs the pinned playwright from scripts/host-requirements.txt)")
-    if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
-        _no_browser(f"no browser at {CHROMIUM}: install Debian's chromium (apt-get install chromium) "
-                    "or point CMLORA_CHROMIUM at a Chromium binary")
+    missing = browser_missing()
+    if missing:
+        _no_browser(missing)
+    from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, timeout=120_000)
         try:

@@ -41,7 +41,7 @@ from _host import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_client import output_images  # noqa: E402
-from test_examples import with_demo_files  # noqa: E402
+from test_examples import check_demo_run, check_real_use_run, with_demo_files  # noqa: E402
 
 try:
     from playwright.sync_api import TimeoutError as PageTimeout
@@ -297,7 +297,8 @@ def test_example_runs_from_the_frontend(browser, server, browser_artifacts, path
     shots = str(browser_artifacts / f"{name}-nodes2")
     try:
         wait_for_view(page, True)
-        if needs_real_weights(workflow):
+        real_use = bool(needs_real_weights(workflow))
+        if real_use:
             # a real-use example loads and converts as saved (the frontend offers its download), then
             # runs on the demo checkpoint and LoRAs (see with_demo_files)
             load_and_convert(page, workflow, True)
@@ -309,6 +310,8 @@ def test_example_runs_from_the_frontend(browser, server, browser_artifacts, path
         forget_results(server)  # a run answered from the cache would report nothing to check
         entry = queue_and_wait(page, server, prompt, where)
         page.screenshot(path=f"{shots}.png")
+        # the example's only run on this host: every check of test_examples' /prompt runs, on this entry
+        (check_real_use_run if real_use else check_demo_run)(server, workflow, entry)
         reported = reports_of(workflow, entry)
         check_reports_show(page, workflow, reported, True, shots)
 

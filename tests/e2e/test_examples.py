@@ -3,8 +3,11 @@
 The template browser shows these files to artists, the demo runs them, and the frontend
 loads their widget values by position, so each must: be what the build script writes; save
 its widget values in the layout the frontend saves for the node's /object_info; link outputs
-to inputs of the same type; run through /prompt (the demo ones) with what its own graph says
-it makes; and (the real-use ones) name the checkpoint to download and LoRAs to replace.
+to inputs of the same type; run with what its own graph says it makes (check_demo_run,
+check_real_use_run); and (the real-use ones) name the checkpoint to download and LoRAs to replace.
+
+Each example runs once per host: from the frontend in test_browser.py, which makes the same checks
+of its run, where a browser exists (always in CI); through /prompt here only where none does.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _host import REPO
+from _host import REPO, browser_missing
 
 sys.path.insert(0, str(REPO / "scripts"))
 from comfy_client import output_images, output_texts, ui_to_api  # noqa: E402
@@ -191,10 +194,11 @@ def test_links_join_outputs_and_inputs_of_one_type(object_info, path):
         assert spec[0] == type_, f"{path.stem}: link {link_id} brings {type_} to {target['type']}.{socket['name']}"
 
 
-@pytest.mark.parametrize("path", DEMO, ids=ids(DEMO))
-def test_demo_example_runs_through_prompt_api(server, object_info, path):
-    workflow = load(path)
-    entry = server.run(ui_to_api(workflow, object_info))
+def check_demo_run(server, workflow: dict, entry: dict) -> None:
+    """What a demo example's run (its history entry) must show: every output node showed or saved its
+    images, at the graph's size; the CMLoRA Sampler's report names its method, LoRAs (and the
+    schedule's mode and cache); CLoRA's masks come one per subject LoRA. Made on the browser's run
+    (test_browser.py) where a browser exists, else on a run through /prompt (below)."""
     by_type = {}
     for node in workflow["nodes"]:
         by_type.setdefault(node["type"], []).append(node)
@@ -229,6 +233,37 @@ def test_demo_example_runs_through_prompt_api(server, object_info, path):
         assert len(entry["outputs"][str(preview["id"])]["images"]) == len(subjects)
 
 
+def check_real_use_run(server, workflow: dict, entry: dict) -> None:
+    """What a real-use example's run on the demo files (``workflow`` is with_demo_files' copy) must
+    show: its one saved image at the demo's size, and what its graph previews (the SD1.5 one's CMLoRA
+    report and schedule timeline; the SDXL one's CLoRA overlay and a mask per subject)."""
+    assert not downloads(workflow)
+    (image,) = output_images(entry)
+    assert Image.open(server.output_dir_path / image.get("subfolder", "") / image["filename"]).size == (DEMO_SIZE,) * 2
+    types = {n["type"] for n in workflow["nodes"]}
+    if "CMLoRA_Sampler" in types:  # SD1.5: profiler, scheduler, CMLoRA Sampler
+        reports = [t for t in output_texts(entry) if t.startswith("method ")]
+        assert reports and reports[0].startswith("method cmlora, 3 LoRAs, 20 steps"), reports
+        assert len(output_images(entry, "temp")) == 1  # the schedule timeline preview
+    else:  # SDXL: CLoRA with two subjects; the overlay and one mask per subject
+        assert "CLoRA_AttentionMasker" in types
+        assert len(output_images(entry, "temp")) == 1 + 2
+
+
+def skip_where_the_browser_runs_it():
+    """Each example runs once per host: from the frontend (test_browser.py) where a browser exists,
+    through /prompt only where none does (a machine without Debian's chromium)."""
+    if browser_missing() is None:
+        pytest.skip("run from the frontend, with the same checks, in test_browser.py")
+
+
+@pytest.mark.parametrize("path", DEMO, ids=ids(DEMO))
+def test_demo_example_runs_through_prompt_api(server, object_info, path):
+    skip_where_the_browser_runs_it()
+    workflow = load(path)
+    check_demo_run(server, workflow, server.run(ui_to_api(workflow, object_info)))
+
+
 @pytest.mark.parametrize("path", REAL, ids=ids(REAL))
 def test_real_use_example_offers_its_checkpoint_and_names_placeholder_loras(path):
     workflow = load(path)
@@ -247,19 +282,9 @@ def test_real_use_example_offers_its_checkpoint_and_names_placeholder_loras(path
 def test_real_use_example_runs_with_the_demo_files(server, object_info, path):
     """The example as saved (with_demo_files says what it changes) on the demo checkpoint and LoRAs: the
     prompt validates and runs, and what its graph shows comes out."""
+    skip_where_the_browser_runs_it()
     workflow = with_demo_files(load(path))
-    assert not downloads(workflow)
-    entry = server.run(ui_to_api(workflow, object_info))
-    (image,) = output_images(entry)
-    assert Image.open(server.output_dir_path / image.get("subfolder", "") / image["filename"]).size == (DEMO_SIZE,) * 2
-    types = {n["type"] for n in workflow["nodes"]}
-    if "CMLoRA_Sampler" in types:  # SD1.5: profiler, scheduler, CMLoRA Sampler
-        reports = [t for t in output_texts(entry) if t.startswith("method ")]
-        assert reports and reports[0].startswith("method cmlora, 3 LoRAs, 20 steps"), reports
-        assert len(output_images(entry, "temp")) == 1  # the schedule timeline preview
-    else:  # SDXL: CLoRA with two subjects; the overlay and one mask per subject
-        assert "CLoRA_AttentionMasker" in types
-        assert len(output_images(entry, "temp")) == 1 + 2
+    check_real_use_run(server, workflow, server.run(ui_to_api(workflow, object_info)))
 
 
 def test_demo_runs_the_demo_examples_only():
