@@ -4,6 +4,7 @@
     python -m benchmarks --part flops --archs flux   the Flux.1 FLOP table only
     python -m benchmarks --device cuda         timing at full size in fp16 on a CUDA GPU
     python -m benchmarks --full                every SDXL case too (about 20 minutes more)
+    python -m benchmarks --part attention      the host's attention functions on the CPU, ~3 min
     python -m benchmarks --markdown BENCHMARKS.md   also write the tables into that file
 
 Tables are printed as Markdown; see BENCHMARKS.md for what each number means.
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where the timing part runs (FLOPs are counted without a device)")
-    ap.add_argument("--part", choices=("all", "flops", "time", "demo-switch"), default=None,
+    ap.add_argument("--part", choices=("all", "flops", "time", "demo-switch", "attention"), default=None,
                     help="default: all on the CPU, time on CUDA")
     ap.add_argument("--archs", default="sd15,sdxl", help="FLOP architectures (sd15, sdxl, flux)")
     ap.add_argument("--full", action="store_true", help="every SDXL case (CLoRA, every CMLoRA variant)")
@@ -124,6 +125,10 @@ def main(argv=None) -> int:
             from .demo_switch import run_demo_switch
 
             results["demo_switch"] = run_demo_switch(args.rounds)
+        if part == "attention":  # only when asked: it measures the host, not the pack
+            from .attention import run_attention
+
+            results["attention"] = run_attention(args.rounds)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results))
     text = render(results)
@@ -147,6 +152,10 @@ def render(results: dict) -> str:
         from .demo_switch import demo_switch_section
 
         sections.append(demo_switch_section(results["demo_switch"]))
+    if "attention" in results:
+        from .attention import attention_section
+
+        sections.append(attention_section(results["attention"]))
     return "\n\n".join(sections)
 
 

@@ -10,7 +10,7 @@ import comfy.lora
 import comfy.model_management
 import comfy.utils
 
-from _util import Recorder, apply, ksample, lora_loader, stack
+from _util import Recorder, apply, digests, ksample, lora_loader, stack
 
 from comfyui_cmlora.nodes import host
 from comfyui_cmlora.nodes.runtime import runtime_of
@@ -19,7 +19,7 @@ A, B, C = "test_kohya.safetensors", "test_locon.safetensors", "test_peft.safeten
 
 
 def _state(model):
-    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    return digests(model.model.state_dict())
 
 
 @pytest.mark.parametrize("method", ["switch", "composite"])
@@ -97,7 +97,7 @@ def test_switch_on_quantized_weights_routes_and_matches_lora_loader(fp8_model, c
     assert trace.routed and trace.folds == 0 and [trace.active[s] for s in (0, 1)] == [0, 1]
     assert torch.isfinite(out).all()
     after = _state(model)
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert before == after
 
     from _util import diffusion_out
 
@@ -185,3 +185,29 @@ def test_a_second_stack_on_a_patched_model_is_a_clear_error(sd15, conds):
         apply(patched, stack((C, 1.0), (B, 1.0)), "switch")
     # the first patched model still samples as before
     assert torch.equal(ksample(patched, conds, steps=1), ksample(patched.clone(), conds, steps=1))
+
+
+def test_the_pack_on_the_hosts_own_cpu_attention(sd15, conds, monkeypatch):
+    """The suite starts the host as `--use-pytorch-cross-attention` would (tests/_host.py; faster on the
+    CPU, BENCHMARKS.md). This test runs on the host's own choice for a CPU, its sub-quadratic attention:
+    switch with one LoRA samples LoraLoader's image bit for bit, composite of two LoRAs runs every
+    attention layer through it, and its image differs from the suite's attention by float noise only."""
+    import comfy.ldm.modules.attention as attention
+
+    assert attention.optimized_attention is attention.attention_pytorch  # the suite's setting took
+    model = sd15[0]
+    composite = apply(model, stack((A, 0.9), (B, 0.7)), "composite")
+    suite = ksample(composite, conds, steps=3)
+    calls = []
+
+    def sub_quad(*args, **kwargs):
+        calls.append(1)
+        return attention.attention_sub_quad(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "optimized_attention", sub_quad)
+    monkeypatch.setattr(attention, "optimized_attention_masked", sub_quad)
+    ours = ksample(apply(model, stack((A, 0.9)), "switch", interval=1), conds, steps=3)
+    assert calls, "the UNet's attention did not go through the host's sub-quadratic attention"
+    assert torch.equal(ours, ksample(lora_loader(model, (A, 0.9)), conds, steps=3))
+    default = ksample(composite, conds, steps=3)
+    assert torch.allclose(default, suite, atol=1e-3) and not torch.equal(default, suite)
