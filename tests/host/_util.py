@@ -161,20 +161,25 @@ def calls_out(model, calls):
         return [getattr(dm, call["method"])(**call["values"], transformer_options={}) for call in calls]
 
 
-def weight_digests(model, keys) -> dict:
-    """A digest of each of the base model's weights named in ``keys`` (state-dict keys of the model,
-    ``diffusion_model.`` and the rest), as stored, with no patched clone loaded (the host folds a
-    loaded clone's LoRAs into the shared weights until it unloads it). Equal digests mean
-    bit-identical weights; digests of the weights a test patches, instead of copies of the whole
-    model, keep the tests of large models cheap in memory and time."""
+def digests(tensors: dict) -> dict:
+    """{name: (dtype, shape, digest of the bytes)} of each tensor: equal digests mean bit-identical
+    tensors, and a digest instead of a copy keeps a test's memory independent of the model's size."""
     import hashlib
 
-    comfy.model_management.unload_all_models()
-    weights = model.model.state_dict()
     out = {}
-    for k in sorted(keys):
-        v = weights[k]
+    for k, v in tensors.items():
         raw = v.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # the bytes, any dtype
         out[k] = (v.dtype, tuple(v.shape), hashlib.blake2b(memoryview(raw), digest_size=16).hexdigest())
+    return out
+
+
+def weight_digests(model, keys) -> dict:
+    """Digests of the base model's weights named in ``keys`` (state-dict keys of the model,
+    ``diffusion_model.`` and the rest), as stored, with no patched clone loaded (the host folds a
+    loaded clone's LoRAs into the shared weights until it unloads it): the weights a test patches,
+    instead of the whole model, keep the tests of large models cheap in memory and time."""
+    comfy.model_management.unload_all_models()
+    weights = model.model.state_dict()
+    out = digests({k: weights[k] for k in sorted(keys)})
     assert out, "no weights to compare"
     return out

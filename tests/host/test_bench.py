@@ -20,6 +20,18 @@ def bench(pack):
     return b
 
 
+_RUNS: dict = {}
+
+
+def run(bench, case):
+    """bench.run(case), once per case for the module: a meta-device run is deterministic (FLOPs and
+    passes depend on the case only), so the tests that read the same case share one run.
+    test_meta_runs_leave_the_base_model_as_it_was runs its cases itself."""
+    if case not in _RUNS:
+        _RUNS[case] = bench.run(case)
+    return _RUNS[case]
+
+
 def _case(method, n, **kw):
     from benchmarks.harness import Case
 
@@ -41,7 +53,7 @@ def test_every_method_runs_the_passes_its_schedule_prescribes(bench):
 
     problems = {}
     for case in _all_cases():
-        result = bench.run(case)
+        result = run(bench, case)
         assert result["trace"].get("status", "finished") == "finished"
         diff = check_passes(case, result["trace"], STEPS)
         if diff:
@@ -52,7 +64,7 @@ def test_every_method_runs_the_passes_its_schedule_prescribes(bench):
 def test_check_passes_notices_a_run_that_differs(bench):
     from benchmarks.flops import check_passes
 
-    result = bench.run(_case("cmlora", 3))
+    result = run(bench, _case("cmlora", 3))
     trace = dict(result["trace"])
     assert check_passes(_case("cmlora", 3), trace, STEPS) == []
     trace["shallow"] -= 1
@@ -68,23 +80,23 @@ def test_flops_are_the_sum_of_the_passes(bench):
 
     costs = bench.pass_costs()
     assert costs["shallow_unet"] < costs["full_unet"] < costs["full_lora"]
-    one = bench.run(_case("composite", 1))["flops"]
+    one = run(bench, _case("composite", 1))["flops"]
     assert one == STEPS * costs["full_lora"]
     for n in (2, 3):
-        assert bench.run(_case("composite", n))["flops"] == n * one
-        assert bench.run(_case("composite-seq", n))["flops"] == n * one
+        assert run(bench, _case("composite", n))["flops"] == n * one
+        assert run(bench, _case("composite-seq", n))["flops"] == n * one
         for cache in ("deep", "prediction", "none"):
             case = _case("cmlora", n, cache=cache)
-            result = bench.run(case)
+            result = run(bench, case)
             assert result["flops"] == cmlora_bound(case, result["trace"], costs, STEPS)
     # merge folds its N LoRAs once at load; switch folds one LoRA per change of the active one
-    merge1, merge2 = bench.run(_case("merge", 1))["flops"], bench.run(_case("merge", 2))["flops"]
+    merge1, merge2 = run(bench, _case("merge", 1))["flops"], run(bench, _case("merge", 2))["flops"]
     fold = merge2 - merge1
-    switch = bench.run(_case("switch", 3))
+    switch = run(bench, _case("switch", 3))
     assert fold > 0 and switch["trace"]["folds"] == 2
     assert switch["flops"] == merge1 + fold * (switch["trace"]["folds"] - 1)
-    clora = bench.run(_case("clora", 2))
-    plain = bench.run(_case("clora", 2, updates=False))
+    clora = run(bench, _case("clora", 2))
+    plain = run(bench, _case("clora", 2, updates=False))
     # without updates: per call one forward of three copies, the base prompt's without LoRA
     assert plain["flops"] == STEPS * (costs["full_unet"] + 2 * costs["full_lora"])
     assert clora["flops"] > plain["flops"] and clora["trace"]["loss_passes"] > 0

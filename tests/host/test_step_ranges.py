@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _util import apply, ksample, lora_loader, stack, stepwise_reference
+from _util import apply, ksample, lora_loader, once, stack, stepwise_reference
 
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.cmlora_core.steps import active_range, curve_strength
@@ -35,12 +35,13 @@ def test_lora_on_the_first_half_equals_lora_loader_then_the_base_model(sd15, con
     model = sd15[0]
     ours_model = patched(model, stack(entry(A, 0.9, end_at=0.5)), method)
     ours = ksample(ours_model, conds, steps=STEPS)
+    # the references, computed once for the three methods
     on = lora_loader(model, (A, 0.9))
-    expected = stepwise_reference([on] * 3 + [model] * 3, conds, "euler", STEPS)
+    expected = once(("first half", A, 0.9), lambda: stepwise_reference([on] * 3 + [model] * 3, conds, "euler", STEPS))
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
     # not the LoRA throughout, not the base model throughout
-    assert not torch.allclose(ours, ksample(on, conds, steps=STEPS), atol=1e-3)
-    assert not torch.allclose(ours, ksample(model, conds, steps=STEPS), atol=1e-3)
+    assert not torch.allclose(ours, once(("throughout", A, 0.9), lambda: ksample(on, conds, steps=STEPS)), atol=1e-3)
+    assert not torch.allclose(ours, once(("base", STEPS), lambda: ksample(model, conds, steps=STEPS)), atol=1e-3)
     trace = runtime_of(ours_model).last_trace
     assert [trace.strengths[i][0] for i in range(STEPS)] == [0.9, 0.9, 0.9, 0.0, 0.0, 0.0]
     assert "steps 0-2" in runtime_of(ours_model).report(trace)
@@ -57,9 +58,11 @@ def test_strength_curve_equals_lora_loader_at_each_steps_strength(sd15, conds, m
     strengths = [curve_strength(1.2, 0.2, curve, i, steps) for i in range(STEPS)]
     assert strengths[0] == 0.0 and strengths[1] == 1.2 and abs(strengths[5] - 0.2) < 1e-9
     models = [model if s == 0.0 else lora_loader(model, (A, s)) for s in strengths]
-    expected = stepwise_reference(models, conds, "euler", STEPS)
+    # the references, computed once for the three methods
+    expected = once(("curve", curve, A, 1.2, 0.2), lambda: stepwise_reference(models, conds, "euler", STEPS))
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
-    constant = stepwise_reference([model] + [lora_loader(model, (A, 1.2))] * 5, conds, "euler", STEPS)
+    constant = once(("from step 1", A, 1.2), lambda: stepwise_reference(
+        [model] + [lora_loader(model, (A, 1.2))] * 5, conds, "euler", STEPS))
     assert not torch.allclose(ours, constant, atol=1e-3)
 
 
