@@ -28,8 +28,8 @@ class Server:
     """A ComfyUI server process on 127.0.0.1 (CPU), stopped on exit of the with-block.
 
     ``pytorch_attention`` starts it with ``--use-pytorch-cross-attention``: on the CPU the host
-    otherwise picks its sub-quadratic attention, which is several times slower there for the small
-    images the demo and tests make (BENCHMARKS.md, "Attention on the CPU")."""
+    otherwise picks its sub-quadratic attention, slower there (measured: the same at 64 px, 1.16x
+    at 256 px; BENCHMARKS.md, "Attention on the CPU")."""
 
     def __init__(self, host_dir: Path, python: str = sys.executable, output_dir: Path | None = None,
                  extra_model_paths: Path | None = None, log_path: Path | None = None,
