@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
-
-from .harness import REPO
 
 SIZES, STEPS, CFG = (64, 256), 4, 5.0
 FUNCTIONS = ("sub_quad", "pytorch", "split", "basic")  # the host's attention_<name> functions
@@ -24,21 +21,15 @@ FUNCTIONS = ("sub_quad", "pytorch", "split", "basic")  # the host's attention_<n
 
 def run_attention(rounds: int) -> dict:
     import comfy.ldm.modules.attention as attention
-    import folder_paths
-    import make_fixtures
     import nodes as host_nodes
     import torch
     from comfyui_cmlora.nodes import host
 
-    models = Path(REPO / ".cache" / "bench-demo-models")
-    files = make_fixtures.ensure_demo_models(models)
-    folder_paths.add_model_folder_path("checkpoints", str(models / "checkpoints"), is_default=True)
-    folder_paths.add_model_folder_path("loras", str(models / "loras"), is_default=True)
-    model, clip, _ = host_nodes.CheckpointLoaderSimple().load_checkpoint(files["checkpoint"])
-    for name in files["loras"]:
+    from .demo_switch import demo_files
+
+    loras, model, pos, neg = demo_files()
+    for name in loras:
         model = host_nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 0.8)[0]
-    pos = clip.encode_from_tokens_scheduled(clip.tokenize("a cat in front of mountains, watercolor"))
-    neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry, lowres"))
     chosen = (attention.optimized_attention, attention.optimized_attention_masked)
 
     def run(name: str, side: int):

@@ -17,25 +17,34 @@ from .harness import REPO
 SIDE, STEPS, CFG, INTERVAL, STRENGTH = 256, 6, 6.0, 2, 0.8
 
 
-def run_demo_switch(rounds: int) -> dict:
+def demo_files():
+    """The demo's checkpoint and LoRAs (written once under .cache/bench-demo-models, registered with
+    the host), loaded by the host's CheckpointLoaderSimple, and the demo's prompts encoded:
+    (LoRA file names, model, positive, negative)."""
     import folder_paths
     import make_fixtures
     import nodes as host_nodes
-    import torch
-    from comfyui_cmlora.cmlora_core.stack import LoraEntry
-    from comfyui_cmlora.nodes import host
-    from comfyui_cmlora.nodes.loras import lora_file_path, map_model_lora
-    from comfyui_cmlora.nodes.methods import apply_method
 
     models = Path(REPO / ".cache" / "bench-demo-models")
     files = make_fixtures.ensure_demo_models(models)
     folder_paths.add_model_folder_path("checkpoints", str(models / "checkpoints"), is_default=True)
     folder_paths.add_model_folder_path("loras", str(models / "loras"), is_default=True)
     model, clip, _ = host_nodes.CheckpointLoaderSimple().load_checkpoint(files["checkpoint"])
-    mapped = [map_model_lora(model, LoraEntry(n, lora_file_path(n, "benchmark"), STRENGTH, STRENGTH), "benchmark")
-              for n in files["loras"]]
     pos = clip.encode_from_tokens_scheduled(clip.tokenize("a cat in front of mountains, watercolor"))
     neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry, lowres"))
+    return files["loras"], model, pos, neg
+
+
+def run_demo_switch(rounds: int) -> dict:
+    import torch
+    from comfyui_cmlora.cmlora_core.stack import LoraEntry
+    from comfyui_cmlora.nodes import host
+    from comfyui_cmlora.nodes.loras import lora_file_path, map_model_lora
+    from comfyui_cmlora.nodes.methods import apply_method
+
+    loras, model, pos, neg = demo_files()
+    mapped = [map_model_lora(model, LoraEntry(n, lora_file_path(n, "benchmark"), STRENGTH, STRENGTH), "benchmark")
+              for n in loras]
     latent = {"samples": torch.zeros(1, 4, SIDE // 8, SIDE // 8)}
 
     def run(method: str) -> float:
@@ -55,7 +64,7 @@ def run_demo_switch(rounds: int) -> dict:
         for m in methods[r % 2:] + methods[:r % 2]:
             seconds[m].append(run(m))
     host.unload_models()
-    return {"seconds": seconds, "loras": files["loras"]}
+    return {"seconds": seconds, "loras": loras}
 
 
 def demo_switch_section(result: dict) -> str:
