@@ -139,7 +139,7 @@ def _flop_targets(runs, by, merge, costs, steps) -> list[str]:
 def timing_section(rows: list[dict], device: str, settings: dict, rounds: int) -> str:
     a = ARCHS[settings["arch"]]
     by = {(r["case"].label, r["case"].n): r for r in rows}
-    what = ("the small UNet (test fixture's layout, width 128), fp32, CPU" if device == "cpu"
+    what = ("the small UNet (SD1.5 layout, three levels, width 128), fp32, CPU" if device == "cpu"
             else f"the full-size {a.name} UNet, {settings['dtype']}, CUDA")
     lines = [(f"### Wall time and peak memory: {what}, {a.size}x{a.size}, "
               f"{settings['steps']} steps, euler, CFG 5, rank-32 LoRAs, median of {rounds} alternating rounds"),

@@ -1,6 +1,6 @@
 """Wall time and peak memory of every method beside merge, measured in one process, alternating.
 
-One worker process builds the model once (a small UNet with the test fixture's layout on
+One worker process builds the model once (a small SD1.5-layout UNet (harness.SMALL) on
 the CPU, or the full-size SD1.5 UNet in fp16 on CUDA, random weights either way), runs every
 case briefly untimed (warm-up: first-call allocations, the host loading the model, CMLoRA's
 one-time FLOP probe), then runs rounds: in each round every case once, in a rotated order, so slow

@@ -1,8 +1,8 @@
 """Build random-weight models and LoRA files with real architectures and real file formats.
 
 No weights can be downloaded on the machines this project is developed and tested on, so
-the demo and the tests make their own: a checkpoint with the SD1.5 architecture (its real
-widths, fewer levels and blocks) that the host's CheckpointLoaderSimple detects and loads,
+the demo and the tests make their own: a checkpoint with the SD1.5 architecture (the widths its
+detection reads, fewer levels and blocks) that the host's CheckpointLoaderSimple detects and loads,
 with a full-size CLIP-L text encoder and SD VAE; a tiny SDXL-architecture diffusion model;
 and LoRA files for them in the formats artists download (kohya, LoCon, diffusers/PEFT,
 LyCORIS LoHa and LoKr). LoRA key names are taken from the host's own key map, so every
@@ -30,18 +30,22 @@ from safetensors.torch import save_file
 
 log = logging.getLogger("cmlora.fixtures")
 
-FIXTURE_VERSION = "5"
+FIXTURE_VERSION = "6"
 CHECKPOINT = "cmlora_tiny_sd15.safetensors"
 SDXL_UNET = "cmlora_tiny_sdxl_unet.safetensors"
 SD15_FP8_UNET = "cmlora_tiny_sd15_unet_scaled_fp8.safetensors"
 
-# SD1.5's widths (detection needs model_channels 320, context_dim 768) with three levels of
-# one block each instead of four levels of two: the latent is divided by 4 at the deepest
-# level, so 1/32-resolution attention layers exist as in the real model.
+# SD1.5 as the hosts detect it (model_channels 320, context_dim 768, convolutional projections),
+# with three levels of one block each instead of four levels of two: the latent is divided by 4 at
+# the deepest level, so 1/32-resolution attention layers exist as in the real model. Channel
+# multipliers 1, 2, 1 instead of 1, 2, 4, 4 (detection reads them from the file and accepts any):
+# the second level's 640 channels are where the host's FreeU acts on the blocks outside CMLoRA's
+# split, and the deepest level at 320 instead of 1280 channels makes the suite's hundreds of
+# sampling runs about three times faster (most of the real model's weights sit at 1280 channels).
 SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
     "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [1, 1, 1], "transformer_depth": [1, 1, 1], "channel_mult": [1, 2, 4],
+    "num_res_blocks": [1, 1, 1], "transformer_depth": [1, 1, 1], "channel_mult": [1, 2, 1],
     "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
     "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1],
     "use_temporal_attention": False, "use_temporal_resblock": False,
@@ -231,6 +235,17 @@ def make_sd15_controlnet(path: Path, seed: int = 21) -> None:
     _init_(net, seed)
     save_file(_fp16({f"control_model.{k}": v for k, v in net.state_dict().items()}), str(path),
               metadata={"cmlora_fixture": FIXTURE_VERSION})
+
+
+def is_current(path: Path) -> bool:
+    """Whether ``path`` is a fixture file written by this FIXTURE_VERSION (its safetensors metadata
+    says so): files made on demand by a test are rewritten when the fixtures' layout changes."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("cmlora_fixture") == FIXTURE_VERSION
 
 
 def load_unet(name: str, weight_dtype: str = "default"):

@@ -33,7 +33,7 @@ def controlnet(models_dir):
 
     folder = models_dir / "controlnet"
     folder.mkdir(exist_ok=True)
-    if not (folder / CONTROLNET).exists():
+    if not fx.is_current(folder / CONTROLNET):
         fx.make_sd15_controlnet(folder / CONTROLNET)
     folder_paths.add_model_folder_path("controlnet", str(folder), is_default=True)
     return host_node(host_nodes.ControlNetLoader, control_net_name=CONTROLNET)[0]
@@ -280,7 +280,7 @@ def inpainting(models_dir):
 
     name = "cmlora_tiny_sd15_inpainting.safetensors"
     path = models_dir / "checkpoints" / name
-    if not path.exists():
+    if not fx.is_current(path):
         fx.make_sd15_checkpoint(path, seed=3, in_channels=9)
     return host_node(host_nodes.CheckpointLoaderSimple, ckpt_name=name)
 
