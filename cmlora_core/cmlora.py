@@ -19,7 +19,7 @@ CACHES = ("deep", "prediction", "none")
 REFRESH = ("nonuniform", "uniform")
 W_DOM = ("constant", "decay")
 
-FULL, SHALLOW, REUSE = "full", "shallow", "reuse"
+FULL, SHALLOW, REUSE, OFF = "full", "shallow", "reuse", "off"  # OFF: the LoRA is off at the step, no pass
 
 
 # ------------------------------------------------------------------ H / L sets
@@ -144,9 +144,9 @@ class StepPlan:
     """What step i does: the dominant LoRA, aggregation weights, and each LoRA's pass."""
 
     step: int
-    dominant: int
+    dominant: int | None  # None: no LoRA is on at the step (the base model runs)
     weights: list[float]
-    passes: list[str]  # FULL | SHALLOW | REUSE per LoRA (stack order)
+    passes: list[str]  # FULL | SHALLOW | REUSE | OFF per LoRA (stack order)
     phase: str = "H"
 
 
@@ -159,10 +159,16 @@ class Planner:
     pass. Online changes phase when ``observe`` reports a high-frequency share below the
     threshold (0 never changes). Async: the dominant moves every switch interval over H then
     L, and each refresh step refreshes the next LoRA in that order, independently.
+
+    ``on`` (one set of stack indices per step; None: every LoRA on every step) limits each step
+    to the LoRAs on there (step ranges and curves): the dominant is chosen among them, the
+    weights are normalised over them, a LoRA off at the step gets no pass (OFF) and a full pass
+    when it comes back on; a step with none on has no dominant (the base model runs).
     """
 
     schedule: Schedule
     total: int
+    on: list | None = None
     phase_low: bool = False  # online: set by observe()
     switched_at: int | None = None
     _refresh: set = field(default_factory=set)
@@ -200,17 +206,25 @@ class Planner:
         self._last_step = max(self._last_step, step)
         return self._cache[step]
 
+    def _on(self, step: int):
+        return None if self.on is None else self.on[step]
+
     def _advance(self, step: int) -> StepPlan:
         s = self.schedule.settings
-        high, low = list(self.schedule.high), list(self.schedule.low)
+        n = len(self.schedule.order)
+        on = self._on(step)
+        high = [i for i in self.schedule.high if on is None or i in on]
+        low = [i for i in self.schedule.low if on is None or i in on]
         order = high + low
-        n = len(order)
+        if not order:
+            return StepPlan(step, None, [0.0] * n, [OFF] * n, self._phase)
+        back = set() if step == 0 or on is None else set(order) - set(self._on(step - 1))
         refresh = step in self._refresh
-        passes = [None] * n
+        passes = [OFF] * n
         if s.mode == "async":
-            dominant = order[(step // s.switch_interval) % n]
+            dominant = order[(step // s.switch_interval) % len(order)]
             phase = "H" if dominant in high else "L"
-            refreshed = [] if step == 0 else ([order[self._async_refresh % n]] if refresh else [])
+            refreshed = [] if step == 0 else ([order[self._async_refresh % len(order)]] if refresh else [])
             if refresh and step > 0:
                 self._async_refresh += 1
         else:
@@ -224,13 +238,16 @@ class Planner:
             dominant = current[self._pointer % len(current)]
             refreshed = [dominant] if (refresh or step == self._phase_start) else []
         no_cache = s.cache == "none" or (s.refresh == "uniform" and s.refresh_interval == 1)
-        for i in range(n):
-            if step == 0 or no_cache or i in refreshed or (s.dominant_full and i == dominant):
+        for i in order:
+            if step == 0 or no_cache or i in refreshed or i in back or (s.dominant_full and i == dominant):
                 passes[i] = FULL
             else:
                 passes[i] = SHALLOW if s.cache == "deep" else REUSE
-        w = dominant_weight(s.w_dom, n, step, self.total)
-        return StepPlan(step, dominant, step_weights(n, dominant, w), passes, phase)
+        w = dominant_weight(s.w_dom, len(order), step, self.total)
+        weights = [0.0] * n
+        for i, wi in zip(order, step_weights(len(order), order.index(dominant), w)):
+            weights[i] = wi
+        return StepPlan(step, dominant, weights, passes, phase)
 
 
 class ScheduleMismatch(ValueError):

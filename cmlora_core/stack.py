@@ -68,7 +68,10 @@ class LoraEntry:
 
     @property
     def active_model(self) -> bool:
-        return self.enabled and self.strength_model != 0.0
+        """Whether the LoRA changes the diffusion model at some step: enabled, and its strength is not 0
+        on every step (a curve from 0 to a non-zero ``strength_end`` fades the LoRA in)."""
+        ramps = self.curve != "constant" and self.strength_end != 0.0
+        return self.enabled and (self.strength_model != 0.0 or ramps)
 
     @property
     def active_clip(self) -> bool:
@@ -97,7 +100,7 @@ class LoraStack:
         return LoraStack(self.entries + (entry,))
 
     def model_entries(self) -> tuple[LoraEntry, ...]:
-        """Entries that change the diffusion model (enabled, strength_model != 0)."""
+        """Entries that change the diffusion model (``active_model``)."""
         return tuple(e for e in self.entries if e.active_model)
 
     def clip_entries(self) -> tuple[LoraEntry, ...]:

@@ -79,6 +79,35 @@ def switch_active(step: int, interval: int, n: int) -> int:
     return (step // interval) % n
 
 
+def switch_turns(on: list, interval: int, n: int) -> list[int | None]:
+    """LoRA Switch over a run in which LoRAs come and go: the LoRA active at each step.
+
+    ``on[s]`` holds the indices (of ``n`` LoRAs) that are on at step s. Turns: a turn starts at a
+    step, goes to the first LoRA after the previous turn's (in stack order, wrapping around) that is
+    on at that step, and lasts ``interval`` steps; it ends early when its LoRA goes off, and the next
+    turn starts there. A step with no LoRA on has none (the base model) and starts no turn. With every
+    LoRA on throughout this is ``switch_active``: each LoRA in turn for exactly ``interval`` steps;
+    a LoRA that is on when a turn starts and whose turn it is, is never passed over.
+    """
+    if interval < 1:
+        raise ValueError("switch interval must be >= 1")
+    out: list[int | None] = []
+    holder, left, previous = None, 0, -1
+    for on_s in on:
+        if left > 0 and holder in on_s:
+            out.append(holder)
+            left -= 1
+            continue
+        if not on_s:
+            holder, left = None, 0
+            out.append(None)
+            continue
+        holder = min(on_s, key=lambda i: (i - previous - 1) % n)
+        previous, left = holder, interval - 1
+        out.append(holder)
+    return out
+
+
 def composite_weights(n: int) -> list[float]:
     """LoRA Composite: every LoRA's prediction counts equally (mean over LoRAs)."""
     return [1.0 / n] * n

@@ -115,6 +115,7 @@ def check_inputs(cls, values: dict, looked_up: tuple[str, ...] = ()) -> str:
 # ------------------------------------------------------------------ files the pack saves
 
 _SAFE_NAME = re.compile(r"[\w][\w .-]{0,99}")
+MAX_NAME_BYTES = 255  # the limit of a file name in bytes on Linux file systems (ext4 and most others)
 
 
 def saved_folder(name: str) -> str:
@@ -122,10 +123,20 @@ def saved_folder(name: str) -> str:
     return os.path.join(host.output_directory(), name)
 
 
+def _inside(folder: str, name: str) -> bool:
+    """Whether ``name`` in ``folder`` is a file that stays in it once links are followed."""
+    real_folder = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(folder, name))
+    return os.path.dirname(path) == real_folder and os.path.isfile(path)
+
+
 def saved_files(name: str, suffix: str) -> list[str]:
-    """The files ending in ``suffix`` in the output folder ``name``, sorted (none when it does not exist)."""
+    """The files ending in ``suffix`` in the output folder ``name``, sorted (none when it does not exist);
+    a link that leads out of the folder is not one of them."""
     folder = saved_folder(name)
-    return sorted(f for f in os.listdir(folder) if f.endswith(suffix)) if os.path.isdir(folder) else []
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f.endswith(suffix) and _inside(folder, f))
 
 
 def save_path(node: str, input_name: str, filename: str, default: str, folder: str, suffix: str) -> str:
@@ -134,5 +145,9 @@ def save_path(node: str, input_name: str, filename: str, default: str, folder: s
     if not _SAFE_NAME.fullmatch(name):
         raise CMLoRAError(node, input_name, f"{shown(name)} is not a plain file name.",
                           "use up to 100 letters, digits, spaces, '-', '_' or '.', without folders.")
+    if len(f"{name}{suffix}".encode()) > MAX_NAME_BYTES:
+        raise CMLoRAError(node, input_name, f"{shown(name)} takes {len(name.encode())} bytes, more than a file "
+                          f"name may (at most {MAX_NAME_BYTES - len(suffix.encode())} bytes in UTF-8).",
+                          "use a shorter name (letters outside ASCII take 2 to 4 bytes each).")
     os.makedirs(saved_folder(folder), exist_ok=True)
     return os.path.join(saved_folder(folder), f"{name}{suffix}")

@@ -96,6 +96,16 @@ def _chosen_subjects(text: str, concepts: list[str]) -> tuple[int, ...]:
     return tuple(sorted(set(chosen)))
 
 
+def check_mask_values(masks: torch.Tensor, node: str, input: str, fix: str) -> None:
+    """Masks with pixels, every value finite and within 0..1, or a clear error."""
+    if masks.numel() == 0:
+        raise CMLoRAError(node, input, f"the masks have no pixels (shape {list(masks.shape)}).",
+                          fix + " A crop past the image's edge leaves an empty mask.")
+    if not bool(torch.isfinite(masks).all()) or float(masks.min()) < 0 or float(masks.max()) > 1:
+        raise CMLoRAError(node, input, "the masks hold values that are not numbers (NaN, infinite) or lie outside "
+                          "0..1.", fix)
+
+
 def _user_masks(masks, mode: str, concepts: list[str]) -> torch.Tensor | None:
     """The artist's masks as (N or N*b, H, W) on the CPU, checked against the subjects; None without."""
     if masks is None:
@@ -105,6 +115,7 @@ def _user_masks(masks, mode: str, concepts: list[str]) -> torch.Tensor | None:
         return None
     masks = masks.detach().to("cpu", torch.float32)
     masks = masks[None] if masks.ndim == 2 else masks
+    check_mask_values(masks, NODE, "masks", "connect MASK outputs (values 0 to 1) of the image's size.")
     n = len(concepts)
     if masks.ndim != 3 or masks.shape[0] % n:
         raise CMLoRAError(NODE, "masks", f"got {masks.shape[0] if masks.ndim == 3 else 'a'} mask(s) of shape "
@@ -319,9 +330,7 @@ class SaveMasks(io.ComfyNode):
     def execute(cls, masks, filename):
         node = check_inputs(cls, locals())
         masks = masks[None] if masks.ndim == 2 else masks
-        if masks.shape[0] == 0 or not bool(torch.isfinite(masks).all()) or masks.min() < 0 or masks.max() > 1:
-            raise CMLoRAError(node, "masks", "the masks are empty or hold values outside 0..1.",
-                              "connect a MASK output, e.g. CLoRA Masks' 'masks'.")
+        check_mask_values(masks, node, "masks", "connect a MASK output, e.g. CLoRA Masks' 'masks'.")
         path = save_path(node, "filename", filename, "clora_masks", MASK_DIR, ".safetensors")
         safetensors.torch.save_file({"masks": masks.detach().to("cpu", torch.float32).contiguous()}, path,
                                     metadata={"format": "clora_masks"})
@@ -361,4 +370,5 @@ class LoadMasks(io.ComfyNode):
         if masks.ndim != 3 or not masks.is_floating_point():
             raise CMLoRAError(node, "masks_file", f"{masks_file} holds a {masks.dtype} tensor of shape "
                               f"{list(masks.shape)}, not masks.", "pick a file written by CLoRA Save Masks.")
-        return io.NodeOutput(masks.float().clamp(0, 1))
+        check_mask_values(masks, node, "masks_file", "pick a file written by CLoRA Save Masks.")
+        return io.NodeOutput(masks.float())

@@ -27,7 +27,7 @@ from ..cmlora_core.clora import (attention_probs, branch_masks, combine_user_mas
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.routing import Route, Routing
 from . import host
-from .routed import ModelCall
+from .routed import ModelCall, check_routable
 from .runtime import Runtime, check_finite
 
 log = logging.getLogger("cmlora")
@@ -477,6 +477,7 @@ class CLoRARuntime(Runtime):
 def attach_clora(model, loras, branches: Branches, settings: CLoRASettings):
     """A clone of ``model`` that samples with CLoRA (what the Attention Masker node outputs)."""
     layers, ds = attention_layers(model.model.diffusion_model)
+    check_routable(model.model, loras, NODE, "CLoRA", input="stack")
     clone = model.clone()
     CLoRARuntime(loras, branches, settings, layers, ds).attach(clone)
     return clone

@@ -143,7 +143,7 @@ class SchedulerNode(io.ComfyNode):
             raise CMLoRAError(node, e.input, e.problem, e.fix) from None
         n = len(schedule.names)
         steps = max(preview_steps, n)
-        planner = Planner(schedule, steps)
+        planner = Planner(schedule, steps, _on_sets(stack, schedule, steps))
         plans = [planner.plan(i) for i in range(steps)]
         heading = f"CMLoRA {mode} schedule, cache {cache}, {refresh} refresh, {steps} steps shown"
         if mode == "online":
@@ -151,6 +151,15 @@ class SchedulerNode(io.ComfyNode):
         names = list(schedule.names)
         log.info("CMLoRA schedule: %s; %s", heading, "; ".join(set_lines(names, schedule.high, schedule.low)))
         return io.NodeOutput(schedule, timeline_plot(names, plans, schedule.high, schedule.low, heading))
+
+
+def _on_sets(stack, schedule: Schedule, steps: int) -> list[set[int]] | None:
+    """The LoRAs on at each previewed step, from the connected stack's step ranges and curves (None:
+    every LoRA on every step, or no stack of these LoRAs to read them from)."""
+    entries = stack.model_entries() if stack is not None else ()
+    if tuple(e.name for e in entries) != tuple(schedule.names) or not any(e.scheduled for e in entries):
+        return None
+    return [{i for i, e in enumerate(entries) if e.strength_at(s, steps) != 0.0} for s in range(steps)]
 
 
 class SaveProfile(io.ComfyNode):

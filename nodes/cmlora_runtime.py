@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cmlora_core.cmlora import REUSE, SHALLOW, Planner, Schedule, ScheduleMismatch, check_schedule
+from ..cmlora_core.cmlora import OFF, REUSE, SHALLOW, Planner, Schedule, ScheduleMismatch, check_schedule
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.spectrum import batch_score
 from .loras import MappedLora
@@ -83,13 +83,17 @@ class CMLoRARuntime(Runtime):
     def _planner_for(self, total: int) -> Planner:
         if self._planner is None or self._planner.total != total:
             self._check(total)
-            self._planner = Planner(self.schedule, total)
+            on = [set(self.on_at(s)) for s in range(total)] if self.scheduled else None
+            self._planner = Planner(self.schedule, total, on)
         return self._planner
 
     def model_call(self, executor, call: ModelCall, step: int):
         trace = self.trace
         plan = self._planner_for(trace.steps).plan(step)
         trace.plans[step] = plan
+        if plan.dominant is None:  # no LoRA is on at this step: the base model
+            trace.call_rows.append(call.rows)
+            return self.finite(call.run(executor), [], step)
         cache = self.schedule.settings.cache
         if cache == "deep" and self._split is None:
             self._split = find_split(executor.class_obj, self.node)
@@ -98,6 +102,8 @@ class CMLoRARuntime(Runtime):
         key = (tuple(call.options.get("uuids", [])), call.rows)
         full, shallow, reuse = [], [], []
         for i, kind in enumerate(plan.passes):
+            if kind == OFF:
+                continue
             if kind == SHALLOW and (i, key) in self._deep:
                 shallow.append(i)
             elif kind == REUSE and (i, key) in self._pred:
@@ -114,8 +120,8 @@ class CMLoRARuntime(Runtime):
         trace.full_passes += len(full)
         trace.shallow_passes += len(shallow)
         trace.reused += len(reuse)
-        indices = list(range(len(self.loras)))
-        mixed = sum(w * outs[i] for i, w in enumerate(plan.weights))
+        indices = sorted(outs)
+        mixed = sum(plan.weights[i] * outs[i] for i in indices)
         return self.finite(mixed, indices, step, blocks=[outs[i] for i in indices])
 
     def _full(self, executor, call: ModelCall, indices: list[int], key, cache: str) -> dict:
@@ -170,5 +176,5 @@ class CMLoRARuntime(Runtime):
         if ratio is not None:
             if trace.shallow_fraction is not None:
                 text += f"; a shallow pass costs {trace.shallow_fraction:.3f} of a full pass"
-            text += f"; this run took {ratio:.3f}x the UNet FLOPs of merge (composite: {len(self.loras)}x)"
+            text += f"; this run took {ratio:.3f}x the model FLOPs of merge (composite: {len(self.loras)}x)"
         return text

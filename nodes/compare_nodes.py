@@ -3,7 +3,7 @@
 Every method runs the path CMLoRA Sampler runs (``patched_model`` builds a patched clone,
 the host's KSampler samples it), then the node decodes each result with the VAE and lays the
 images out in one grid, one column per method in the order listed, with a label under each:
-the method, the wall seconds of its sampling and decoding, and its UNet FLOPs relative to
+the method, the wall seconds of its sampling, and its diffusion-model FLOPs relative to
 merge. All patched models are built before the first run, so a bad stack or schedule fails
 before any sampling; the input model itself is never changed (every method samples a clone).
 
@@ -13,6 +13,10 @@ method's runtime trace gives the rows its forwards ran (composite: one copy per 
 CMLoRA's own ratio counts its shallow passes at their measured share of a full pass (the
 figure its report prints). Merge and the base model run one pass per call: 1.00x. LoRA deltas
 added in the forward are not counted, nor merge's folding.
+
+Seconds are the sampler's loop alone (a SAMPLER_SAMPLE wrapper's clock): loading the model and
+patching it in, which the first column would pay for the others, and decoding are left out, so
+a column's label does not depend on its place in the list.
 """
 from __future__ import annotations
 
@@ -72,8 +76,22 @@ class RowCounter:
         return call.run(executor)
 
 
+class SamplingClock:
+    """A SAMPLER_SAMPLE wrapper: the seconds of the sampler's loop (the model already loaded and patched)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __call__(self, executor, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
 def flop_ratio(patched, counter: RowCounter) -> float:
-    """UNet FLOPs of the run just sampled with ``patched``, over merge's (one pass of every row the
+    """Diffusion-model FLOPs of the run just sampled with ``patched``, over merge's (one pass of every row the
     sampler asked for), from the run's own record."""
     if counter.rows == 0:
         raise RuntimeError("the sampler made no model call")  # not reachable through KSampler (steps >= 1)
@@ -199,7 +217,7 @@ class CompareMethodsNode(io.ComfyNode):
             display_name="CMLoRA Compare Methods",
             category="sampling/cmlora",
             description="Samples the same seed once per composing method and returns one grid image, a column per "
-                        "method, labelled with its time and its UNet FLOPs relative to merge.",
+                        "method, labelled with its sampling time and its diffusion-model FLOPs relative to merge.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model (after any LoraLoader you want under every LoRA)."),
                 Stack.Input("stack", tooltip="The LoRAs to compose, from 'CMLoRA LoRA Stack' nodes."),
@@ -258,36 +276,34 @@ class CompareMethodsNode(io.ComfyNode):
         # every patched model first: a bad stack or schedule stops the node before any sampling
         runs = []
         for name in names:
-            counter = RowCounter()
+            counter, clock = RowCounter(), SamplingClock()
             counted = model.clone()
             counted.add_wrapper_with_key(host.WrappersMP.DIFFUSION_MODEL, new_key("compare"), counter)
-            if name == BASE:
-                runs.append((name, counted, counter))
-            else:
-                patched, _ = patched_model(counted, stack, name, switch_interval,
+            counted.add_wrapper_with_key(host.WrappersMP.SAMPLER_SAMPLE, new_key("compare-clock"), clock)
+            if name != BASE:
+                counted, _ = patched_model(counted, stack, name, switch_interval,
                                            schedule if name == "cmlora" else None, node)
-                runs.append((name, patched, counter))
+            runs.append((name, counted, counter, clock))
 
         images, labels = [], []
         lines = [f"{node}: seed {seed}, {steps} steps, cfg {cfg}, {sampler_name}/{scheduler}, {len(entries)} LoRAs: "
                  + ", ".join(e.name for e in entries)]
-        for name, patched, counter in runs:
-            started = time.perf_counter()
+        for name, patched, counter, clock in runs:
             latent = host.ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                    latent_image)
             decoded = decode(vae, latent)
-            seconds = time.perf_counter() - started
+            seconds = clock.seconds
             ratio = flop_ratio(patched, counter)
             images.append(decoded)
             labels.append(label_lines(name, seconds, ratio))
             runtime = runtime_of(patched)
             detail = runtime.report(runtime.last_trace) if runtime is not None else (
                 "no LoRA" if name == BASE else "LoRAs folded into the weights by the host")
-            lines.append(f"{name}: {seconds:.2f} s (sampling and decoding), {ratio:.3f}x the UNet FLOPs of merge, "
+            lines.append(f"{name}: {seconds:.2f} s (sampling), {ratio:.3f}x the model FLOPs of merge, "
                          f"{counter.calls} model calls; {detail}")
         if schedule is not None and "cmlora" not in names:
             lines.append("note: a schedule is connected but methods does not list cmlora, so it was not used.")
-        lines.append("FLOPs relative to merge: UNet passes per model call of the sampler (merge and base: one); "
+        lines.append("FLOPs relative to merge: diffusion-model passes per model call of the sampler (merge and base: one); "
                      "CMLoRA's shallow passes count at their share of a full pass; LoRA deltas are not counted.")
 
         first = images[0]

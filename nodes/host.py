@@ -396,3 +396,33 @@ def meta_attention():
     finally:
         for m in holders:
             m.optimized_attention = saved
+
+
+# ---------------------------------------------------------------- area conditioning
+
+def sampler_sample_args(args: tuple, kwargs: dict):
+    """(guider, noise) of a SAMPLER_SAMPLE wrapper's call: the host calls the sampler's ``sample``
+    with (guider, sigmas, extra_args, callback, noise, ...)."""
+    guider = kwargs.get("model_wrap", args[0] if args else None)
+    noise = kwargs.get("noise", args[4] if len(args) > 4 else None)
+    return guider, noise
+
+
+def cond_areas(guider) -> dict:
+    """{uuid: area} of the run's conds that the host feeds the model as a crop of the latent
+    (Conditioning (Set Area), or Set Mask with 'mask bounds'): area is (sizes..., offsets...) in latent
+    cells, one size and offset per latent dimension, as the host resolved it for this run."""
+    out = {}
+    for conds in (getattr(guider, "conds", None) or {}).values():
+        for c in conds or []:
+            if isinstance(c, dict) and "uuid" in c and c.get("area") is not None:
+                out[c["uuid"]] = tuple(c["area"])
+    return out
+
+
+def area_box(area: tuple, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(height, width, top, left) of an area on a latent of (height, width) ``size``, clipped to it as
+    the host clips it (the last two dimensions of an area of any rank)."""
+    d = len(area) // 2
+    h, w, y, x = int(area[d - 2]), int(area[d - 1]), int(area[2 * d - 2]), int(area[2 * d - 1])
+    return min(size[0] - y, h), min(size[1] - x, w), y, x

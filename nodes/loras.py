@@ -109,14 +109,22 @@ class MappedLora:
 def _check_shapes(patches: dict, shapes: dict, name: str, node: str, base_hint: str, family: str) -> None:
     bad = []
     for key, patch in patches.items():
+        weight, offset, _ = host.patch_key(key)
+        if weight not in shapes:
+            continue
+        target = list(shapes[weight])
+        if offset is not None:  # a slice of a fused layer: (dimension, first index, count)
+            dim, first, count = offset
+            if first + count > target[dim]:
+                bad.append((f"{weight}[{first}:{first + count}]", tuple(target), "a slice past its end"))
+                continue
+            target[dim] = count
         factors = host.lora_factors(patch)
-        if factors is None or not isinstance(key, str) or key not in shapes:
+        if factors is None or factors.reshape is not None or factors.mid is not None:  # the host handles them
             continue
-        if factors.reshape is not None or factors.mid is not None:  # reshape/tucker: the host handles them
-            continue
-        target = shapes[key]
         if factors.up.shape[0] != target[0] or factors.down[0].numel() != torch.Size(target[1:]).numel():
-            bad.append((key, tuple(target), (factors.up.shape[0], factors.down[0].numel())))
+            shown_key = weight if offset is None else f"{weight}[{offset[1]}:{offset[1] + offset[2]}]"
+            bad.append((shown_key, tuple(target), (factors.up.shape[0], factors.down[0].numel())))
     if bad:
         key, target, got = bad[0]
         raise CMLoRAError(

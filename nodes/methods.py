@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cmlora_core.errors import CMLoRAError
-from ..cmlora_core.regions import combine_regions, feather, region_weights
+from ..cmlora_core.regions import MaskShapeError, combine_regions, latent_mask, region_weights
 from ..cmlora_core.routing import Route, Routing, combine_copies
-from ..cmlora_core.steps import composite_weights, switch_active
+from ..cmlora_core.steps import composite_weights, switch_turns
 from . import host
 from .cmlora_runtime import CMLoRARuntime
 from .loras import MappedLora
-from .routed import ModelCall
+from .routed import ModelCall, check_routable
 from .runtime import RunTrace, Runtime, check_finite, new_key
 
 
@@ -111,6 +111,7 @@ class SwitchRuntime(Runtime):
         self._saved: dict = {}  # weight key -> the original parameter object
         self._buffers = host.FoldBuffers()  # the folded weights, reused by every refold of a run
         self._folded: int | None = None
+        self._turns: list[int | None] | None = None
 
     def row_factor(self) -> int:
         return 1
@@ -127,16 +128,21 @@ class SwitchRuntime(Runtime):
     def begin_run(self, model_patcher) -> None:
         self._route = self._must_route(model_patcher)
 
+    def turns(self, total: int) -> list[int | None]:
+        """The LoRA active at each step of a ``total``-step run (switch_turns over the LoRAs on at each
+        step), worked out once per run length."""
+        if self._turns is None or len(self._turns) != total:
+            self._turns = switch_turns([self.on_at(s) for s in range(total)], self.interval, len(self.loras))
+        return self._turns
+
     def model_call(self, executor, call: ModelCall, step: int):
-        on = self.on_at(step)
+        k = self.turns(self.trace.steps)[step]
         trace = self.trace
         trace.call_rows.append(call.rows)
-        if not on:  # no LoRA's range holds this step: the base model
-            trace.active[step] = None
+        trace.active[step] = k
+        if k is None:  # no LoRA is on at this step: the base model
             self._unfold()
             return self.finite(call.run(executor), [], step)
-        k = on[switch_active(step, self.interval, len(on))]
-        trace.active[step] = k
         if self._route:
             trace.routed = True
             with self.routed.routed(self.routed.blocks(call.rows, [k])):
@@ -198,8 +204,7 @@ class RegionalRuntime(Runtime):
                               "connect a MASK to the 'mask' input of the stack node of each LoRA to confine (or "
                               "choose another method).")
         self.unmasked = [i for i in range(len(loras)) if i not in self.masked]
-        # feathered once, at the masks' own resolution; resized per latent size
-        self._feathered = [feather(loras[i].entry.mask, loras[i].entry.feather) for i in self.masked]
+        self._latent_masks: dict = {}  # (LoRA, latent size) -> its feathered mask on that latent
         self._weights: dict = {}
         super().__init__(loras, node)
 
@@ -211,10 +216,22 @@ class RegionalRuntime(Runtime):
         leaves its region to the rest)."""
         key = (tuple(on), tuple(size), device)
         if key not in self._weights:
-            masks = [self._feathered[self.masked.index(i)] for i in on]
+            masks = [self.latent_mask(i, tuple(size)) for i in on]
             w = region_weights(masks, size) if masks else torch.ones(1, *size)
             self._weights[key] = w.to(device)
         return self._weights[key]
+
+    def latent_mask(self, i: int, size: tuple[int, int]) -> torch.Tensor:
+        """LoRA ``i``'s mask feathered onto a latent of ``size`` (once per size)."""
+        if (i, size) not in self._latent_masks:
+            entry = self.loras[i].entry
+            try:
+                self._latent_masks[(i, size)] = latent_mask(entry.mask, entry.feather, size)
+            except MaskShapeError as e:
+                raise CMLoRAError("CMLoRA LoRA Stack", "mask", f"LoRA '{entry.name}': {e}.",
+                                  "draw the mask at the image's size or aspect ratio (the mask editor on the "
+                                  "image, or an empty mask of the latent's width and height x8).") from None
+        return self._latent_masks[(i, size)]
 
     def model_call(self, executor, call: ModelCall, step: int):
         on = self.on_at(step)
@@ -229,7 +246,32 @@ class RegionalRuntime(Runtime):
         labels = [f"the LoRAs without a mask {[self.loras[i].entry.name for i in rest]}" if rest else "the base model"]
         labels += [f"LoRA '{self.loras[i].entry.name}'" for i in regions]
         out = check_finite(out, self.node, labels, where=f" at step {step}")
-        return combine_regions(out, self.weights(regions, out.shape[-2:], out.device))
+        return combine_regions(out, self.call_weights(regions, call, tuple(out.shape[-2:]), out.device))
+
+    def call_weights(self, regions: list[int], call: ModelCall, size: tuple[int, int], device) -> torch.Tensor:
+        """The weights of one model call: the whole latent's, or, for the conds the host feeds as a crop
+        of the latent (area prompts), each cond's rows get the part of them under its crop."""
+        full = self.latent_hw or size
+        uuids = list(call.options.get("uuids") or [])
+        boxes = [host.area_box(self.cond_areas[u], full) if u in self.cond_areas else None for u in uuids]
+        if not any(boxes) and size == full:
+            return self.weights(regions, size, device)
+        whole = self.weights(regions, full, device)
+        if not uuids or call.rows % len(uuids):
+            raise CMLoRAError(self.node, "model", f"the host called the model on a {size[1]}x{size[0]} crop of the "
+                              f"{full[1]}x{full[0]} latent without saying where it lies, so the regions cannot be "
+                              "placed.", "use method 'regions' without area conditioning (Conditioning (Set Area), "
+                              "Set Mask with 'mask bounds') on this host.")
+        per_cond = []
+        for box in boxes:
+            h, w, y, x = box or (full[0], full[1], 0, 0)
+            if (h, w) != size:
+                raise CMLoRAError(self.node, "model", f"a cond's area {w}x{h} at ({x}, {y}) does not match the "
+                                  f"{size[1]}x{size[0]} crop the host fed the model.",
+                                  "use method 'regions' without area conditioning on this host.")
+            per_cond.append(whole[:, y:y + h, x:x + w])
+        rows = call.rows // len(uuids)
+        return torch.stack(per_cond, 1).repeat_interleave(rows, dim=1)
 
     def details(self, trace: RunTrace) -> str:
         names = ", ".join(f"'{self.loras[i].entry.name}'" for i in self.masked)
@@ -255,6 +297,12 @@ def apply_method(model, loras: list[MappedLora], method: str, switch_interval: i
         raise CMLoRAError(node, "method", f"LoRA {', '.join(repr(n) for n in masked)} has a mask, which method "
                           f"'{method}' cannot honour.", "set method to 'regions', or disconnect the mask from its "
                           "stack node.")
+    routes = method != "merge" or any(ml.entry.scheduled for ml in loras)
+    if method == "switch":  # switch folds into the weights, and routes only where it must not write them
+        keys = sorted({host.patch_key(key)[0] for ml in loras for key in ml.patches})
+        routes = not host.weights_writable(model, keys)
+    if routes:
+        check_routable(model.model, loras, node, method)
     clone = model.clone()
     if method == "merge":
         merge(clone, loras, node)

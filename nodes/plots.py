@@ -19,10 +19,11 @@ GUTTER = 64  # room left of a chart for its value labels
 WIDTH = 800  # of the plot and the timeline: a 300 pixel wide preview shows their text at about 10 px
 
 # the schedule timeline's cells
-SHADE = {"full": (40, 90, 200), "shallow": (160, 190, 235), "reuse": (225, 225, 225)}
+SHADE = {"full": (40, 90, 200), "shallow": (160, 190, 235), "reuse": (225, 225, 225),
+         "off": (255, 255, 255)}  # off: outside the LoRA's step range, no pass
 LEAD = (230, 60, 40)
 SMALL_IMAGE = 256  # overlays smaller than this get only the concept words in their legend
-SET_COLOUR = {"H": (200, 110, 20), "L": (70, 110, 170)}
+SET_COLOUR = {"H": (200, 110, 20), "L": (70, 110, 170), "-": (150, 150, 150)}  # -: no LoRA on
 SET_WORDS = {"H": "H (early, fine detail)", "L": "L (late, broad shapes)"}
 
 
@@ -190,9 +191,9 @@ def profile_plot(profile: dict) -> torch.Tensor:
 def step_sets(plans: list, high) -> str:
     """Per step, the set of the LoRA that leads it: 'H' when the dominant LoRA is a high-frequency
     one, else 'L'. (A planner's own phase only says early or late: with no H LoRAs the L LoRAs lead
-    the early steps too.)"""
+    the early steps too.) '-' for a step with no LoRA on (step ranges)."""
     high = set(high)
-    return "".join("H" if plan.dominant in high else "L" for plan in plans)
+    return "".join("-" if plan.dominant is None else "H" if plan.dominant in high else "L" for plan in plans)
 
 
 def set_lines(names: list[str], high, low) -> list[str]:

@@ -67,7 +67,8 @@ def _measure(image_or_latent: torch.Tensor, decoded: bool) -> tuple[list[float],
 
 def profile_loras(model, mapped: list[MappedLora], positive, negative, latent, seed, steps, cfg, sampler_name,
                   scheduler, vae=None, node: str = "CMLoRA LoRA Profiler") -> dict:
-    """Sample the baseline and each LoRA alone; return the profile (JSON-simple dict)."""
+    """Sample the baseline and each LoRA alone (at its strength, over its step range and curve, as
+    merge applies it); return the profile (JSON-simple dict)."""
     side = min(latent["samples"].shape[-2:])
     if side < MIN_SIDE:
         raise CMLoRAError(node, "latent_image", f"the latent is {side} pixels on its short side; a spectrum needs at "
@@ -78,16 +79,22 @@ def profile_loras(model, mapped: list[MappedLora], positive, negative, latent, s
     loras = [{"name": m.entry.name, "sha256": _HASHES.get(m.entry.path, file_sha256),
               "strength_model": m.entry.strength_model, "category": m.entry.category} for m in mapped]
     base = model_fingerprint(model)
-    key = hashlib.sha256(json.dumps([PROFILE_VERSION, base, settings, loras, _tensor_digest(positive),
+    ranges = [[m.entry.start, m.entry.end, m.entry.curve, m.entry.strength_end] for m in mapped]
+    key = hashlib.sha256(json.dumps([PROFILE_VERSION, base, settings, loras, ranges, _tensor_digest(positive),
                                      _tensor_digest(negative), _tensor_digest(latent["samples"])]).encode()).hexdigest()
     if key in _PROFILES:
         log.info("CMLoRA profiler: same inputs as before, reusing the profile")
         return _PROFILES[key]
 
+    from .methods import merge  # each LoRA alone as merge applies it: its step range and curve too
+
     runs = [("baseline", model)]
     for m in mapped:
         clone = model.clone()
-        clone.add_patches(m.patches, m.entry.strength_model)
+        if m.entry.scheduled:
+            merge(clone, [m], node)
+        else:  # the host's own patches; the score check below names the LoRA
+            clone.add_patches(m.patches, m.entry.strength_model)
         runs.append((m.entry.name, clone))
     bar = host.ProgressBar(len(runs) * steps)
     results = []

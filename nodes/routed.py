@@ -135,16 +135,51 @@ def _module_kind(module, node: str) -> tuple[str, dict]:
                       "use method 'merge' for this model.")
 
 
-def build_delta(base_model, key, patch, node: str, lora: str):
-    """The routed form of one host patch on one weight (or bias), whole or a slice of its output
-    rows: (layer path, delta)."""
+def routing_problem(base_model, key) -> str | None:
+    """Why the patch on ``key`` cannot be routed in the forward (only the host's weight merge can apply
+    it), or None."""
     name, offset, function = host.patch_key(key)
     if function is not None:
-        raise CMLoRAError(node, "method", f"LoRA '{lora}' patches {name} through a conversion function, which "
-                          "only the host's weight merge applies.", "use method 'merge' for this LoRA.")
+        return f"patches {name} through a conversion function, which only the host's weight merge applies"
     if offset is not None and offset[0] != 0:
-        raise CMLoRAError(node, "method", f"LoRA '{lora}' patches a slice of {name} along its dimension {offset[0]}; "
-                          "routing adds deltas to slices of a layer's outputs only.", "use method 'merge' for this LoRA.")
+        return (f"patches a slice of {name} along its dimension {offset[0]}; routing adds deltas to slices of a "
+                "layer's outputs only")
+    module = host.get_attr(base_model, name.rsplit(".", 1)[0])
+    if len(getattr(module, "kernel_size", ())) != 2 and not hasattr(module, "in_features"):
+        return f"patches a {type(module).__name__} layer ({name}), which cannot take a routed delta"
+    return None
+
+
+def routing_fix(method: str, scheduled: bool) -> str:
+    """What to do about a LoRA that cannot be routed, worded for the method in use."""
+    if method == "CLoRA":
+        return ("load it with LoraLoader before this node (it then acts on every branch), or leave it out of "
+                "the stack")
+    if method == "merge" and scheduled:
+        return ("remove its step range and strength curve (merge then folds it into the weights as LoraLoader "
+                "does), or load it with LoraLoader before this node")
+    return "use method 'merge' without a step range for this LoRA, or load it with LoraLoader before this node"
+
+
+def check_routable(base_model, loras: list[MappedLora], node: str, method: str, input: str = "method") -> None:
+    """Refuse, before any sampling, a LoRA the routed path cannot apply (``method``: the method's name, or
+    the node's for CLoRA, whose LoRAs come in on ``input`` 'stack')."""
+    who = f"method '{method}'" if input == "method" else method
+    for ml in loras:
+        for key in ml.patches:
+            problem = routing_problem(base_model, key)
+            if problem is not None:
+                raise CMLoRAError(node, input, f"LoRA '{ml.entry.name}' {problem}, so {who} cannot route it in "
+                                  "the forward.", routing_fix(method, ml.entry.scheduled) + ".")
+
+
+def build_delta(base_model, key, patch, node: str, lora: str):
+    """The routed form of one host patch on one weight (or bias), whole or a slice of its output
+    rows: (layer path, delta). ``check_routable`` has refused what cannot be routed."""
+    name, offset, function = host.patch_key(key)
+    problem = routing_problem(base_model, key)
+    if problem is not None:
+        raise CMLoRAError(node, "method", f"LoRA '{lora}' {problem}.", routing_fix("", False) + ".")
     out = None if offset is None else (int(offset[1]), int(offset[2]))
     module_path, param = name.rsplit(".", 1)
     module = host.get_attr(base_model, module_path)

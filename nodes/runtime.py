@@ -198,6 +198,8 @@ class Runtime:
         self.sampler_name = ""  # the sampler function of the run (e.g. "sample_euler")
         self._clock = StepClock()
         self._evaluation: tuple[float, int] | None = None  # (sigma, step) of the evaluation in progress
+        self.latent_hw: tuple[int, int] | None = None  # the run's latent height and width
+        self.cond_areas: dict = {}  # cond uuid -> its area (the crop the host feeds the model for it)
 
     def on_model_patcher_clone(self):
         """The host calls this when the patcher is cloned: the clone gets its own runtime."""
@@ -275,6 +277,9 @@ class Runtime:
         """The sampler's run: its function decides how evaluations map to steps (``StepClock``)."""
         self.sampler_name = getattr(getattr(executor.class_obj, "sampler_function", None), "__name__", "")
         self._clock, self._evaluation = StepClock(self.sampler_name), None
+        guider, noise = host.sampler_sample_args(args, kwargs)
+        self.latent_hw = tuple(noise.shape[-2:]) if torch.is_tensor(noise) else None
+        self.cond_areas = host.cond_areas(guider)
         return executor(*args, **kwargs)
 
     def evaluation(self, options: dict, sigma) -> None:
@@ -311,10 +316,11 @@ class Runtime:
         return self.model_call(executor, call, step)
 
     def on_at(self, step: int) -> list[int]:
-        """The LoRAs whose step range holds ``step`` (all of them when no LoRA has a range)."""
+        """The LoRAs on at ``step``: those whose strength there is not 0 (outside its step range, or
+        where its curve passes through 0, a LoRA is off; all of them when none has a range or curve)."""
         if not self.scheduled:
             return list(range(len(self.loras)))
-        return [i for i, ml in enumerate(self.loras) if step in ml.entry.steps_on(self.trace.steps)]
+        return [i for i, ml in enumerate(self.loras) if ml.entry.strength_at(step, self.trace.steps) != 0.0]
 
     def model_call(self, executor, call: ModelCall, step: int) -> torch.Tensor:
         raise NotImplementedError

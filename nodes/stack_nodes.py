@@ -50,6 +50,9 @@ def region_mask(mask, node: str):
         raise CMLoRAError(node, "mask", f"expected one mask, got {shape}.",
                           "connect a single MASK (e.g. from Load Image (as Mask) or a mask editor), not a batch.")
     region = (mask[0] if mask.ndim == 3 else mask).detach().float().cpu()
+    if region.numel() == 0:
+        raise CMLoRAError(node, "mask", f"the mask has no pixels ({region.shape[0]}x{region.shape[1]}, height x width).",
+                          "connect a mask of the image's size (a crop past the image's edge leaves nothing).")
     if not bool(torch.isfinite(region).all()) or float(region.min()) < 0 or float(region.max()) > 1:
         raise CMLoRAError(node, "mask", "the mask holds values outside 0..1.", "connect a MASK output (values 0 to 1).")
     if float(region.max()) == 0.0:
@@ -100,7 +103,9 @@ class LoraStackNode(io.ComfyNode):
                                       "Apply / Sampler). Outside every mask: the LoRAs without a mask, or the base "
                                       "model."),
                 io.Int.Input("mask_feather", default=16, min=0, max=512, optional=True,
-                             tooltip="Softens the mask's edge over this many pixels, so the regions blend.",
+                             tooltip="The width in mask pixels of the soft edge, centred on the mask's edge: the LoRA's "
+                                     "weight is 1 from half this inside the edge, 0 from half this outside it, "
+                                     "a linear blend between.",
                              **host.ADVANCED),
             ],
             outputs=[Stack.Output(display_name="stack", tooltip="The stack with this LoRA appended.")],

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cmlora_core.cmlora import (FULL, REUSE, SHALLOW, Planner, Schedule, ScheduleSettings, dominant_weight,
+from cmlora_core.cmlora import (FULL, OFF, REUSE, SHALLOW, Planner, Schedule, ScheduleSettings, dominant_weight,
                                 refresh_steps, sets_from_categories, split_sets, step_weights, check_schedule)
 from cmlora_core.spectrum import high_frequency_score, image_score, radial_profile
 
@@ -118,3 +118,32 @@ def test_spectrum_orders_edges_above_flat_colour():
     # scale-free: the same content at half the resolution keeps its order
     assert image_score(edges[:, ::2, ::2]) > image_score(smooth[:, ::2, ::2])
     assert high_frequency_score(torch.tensor([1.0, 0.5, 0.2, 0.1, 0.0]), 0.5) == pytest.approx(0.1)
+
+
+def _ranged(high, low, on, **settings):
+    sched = Schedule(ScheduleSettings(**settings), tuple(high), tuple(low), tuple("abcde"[: len(high) + len(low)]))
+    return Planner(sched, len(on), on)
+
+
+def test_only_the_loras_on_at_a_step_lead_weigh_and_cost_a_pass():
+    A, B = 0, 1
+    settings = dict(mode="offline", h_to_l_fraction=0.5, cache="deep", refresh="uniform", refresh_interval=2)
+    # A (high frequency) on the first half only: it leads steps 0-2 beside B (w_dom 1.5 over 2.5), then is
+    # off; B alone carries steps 3-5 with weight 1, and A costs no pass there
+    p = _ranged([A], [B], [{A, B}] * 3 + [{B}] * 3, **settings)
+    plans = [p.plan(i) for i in range(6)]
+    assert [q.dominant for q in plans] == [A, A, A, B, B, B]
+    assert [q.weights for q in plans[:3]] == [pytest.approx([0.6, 0.4])] * 3
+    assert [q.weights for q in plans[3:]] == [[0.0, 1.0]] * 3
+    assert [q.passes[A] for q in plans] == [FULL, FULL, FULL, OFF, OFF, OFF]  # the dominant's full pass
+    assert [q.passes[B] for q in plans] == [FULL, SHALLOW, SHALLOW, FULL, FULL, FULL]
+    # A on the second half only: B leads the early steps, A comes on with a full pass and shares the late ones
+    p = _ranged([A], [B], [{B}] * 3 + [{A, B}] * 3, **settings)
+    plans = [p.plan(i) for i in range(6)]
+    assert [q.dominant for q in plans] == [B] * 6
+    assert [q.passes[A] for q in plans] == [OFF, OFF, OFF, FULL, SHALLOW, SHALLOW]
+    assert plans[3].weights == pytest.approx([0.4, 0.6])
+    # a step with no LoRA on has no dominant and no pass
+    p = _ranged([A], [B], [{A}, set(), {B}])
+    assert p.plan(1).dominant is None and p.plan(1).passes == [OFF, OFF] and p.plan(1).weights == [0.0, 0.0]
+    assert p.plan(2).dominant == B and p.plan(2).passes[B] == FULL

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cmlora_core.errors import CMLoRAError
 from cmlora_core.lora_file import FileCache, classify, guess_base, trigger_from_metadata
 from cmlora_core.routing import DenseDelta, LowRankDelta, RoutedLayer, Routing, combine_copies, repeat_rows
-from cmlora_core.steps import active_range, composite_weights, curve_strength, step_index, switch_active
+from cmlora_core.steps import active_range, composite_weights, curve_strength, step_index, switch_active, switch_turns
 from cmlora_core.stack import LoraEntry, LoraStack, require_model_entries
 
 
@@ -359,3 +359,33 @@ def test_entry_strength_at_and_its_checks():
         with pytest.raises(ValueError):
             LoraEntry("a", "/a", **bad)
 
+
+
+def test_a_fade_in_from_strength_zero_is_active():
+    fade_in = LoraEntry("a", "/a", strength_model=0.0, curve="linear", strength_end=1.0)
+    assert fade_in.active_model and [fade_in.strength_at(i, 5) for i in range(5)] == pytest.approx([0, .25, .5, .75, 1])
+    assert LoraStack((fade_in,)).model_entries() == (fade_in,)
+    # off on every step: a constant 0, a curve from 0 to 0, or disabled
+    for off in (LoraEntry("a", "/a", strength_model=0.0), LoraEntry("a", "/a", strength_model=0.0, curve="smooth"),
+                LoraEntry("a", "/a", strength_model=0.0, curve="linear", strength_end=1.0, enabled=False)):
+        assert not off.active_model
+
+
+def _on(total, *ranges):
+    """The LoRAs on at each step, from each LoRA's (first, stop) steps."""
+    return [[k for k, (a, b) in enumerate(ranges) if a <= s < b] for s in range(total)]
+
+
+def test_switch_turns_give_each_lora_that_is_on_its_turns():
+    A, B = 0, 1
+    # every LoRA on throughout: the plain rule
+    assert switch_turns(_on(9, (0, 9), (0, 9), (0, 9)), 2, 3) == [0, 0, 1, 1, 2, 2, 0, 0, 1]
+    # B on steps 5-9 of 10, interval 3: turns at 0 and 3 are A's (B is off at 3), B takes the turn at 6
+    assert switch_turns(_on(10, (0, 10), (5, 10)), 3, 2) == [A] * 6 + [B] * 3 + [A]
+    # B on steps 10-14 of 20, interval 5: its one turn, whole
+    assert switch_turns(_on(20, (0, 20), (10, 15)), 5, 2) == [A] * 10 + [B] * 5 + [A] * 5
+    # A goes off in its turn: B's turn starts there; a step with no LoRA on has none
+    assert switch_turns(_on(10, (0, 3), (0, 10)), 5, 2) == [A] * 3 + [B] * 7
+    assert switch_turns(_on(6, (0, 2), (4, 6)), 2, 2) == [A, A, None, None, B, B]
+    with pytest.raises(ValueError):
+        switch_turns(_on(3, (0, 3)), 0, 1)

@@ -69,7 +69,7 @@ def test_compare_node_through_prompt_gives_one_labelled_grid(server):
     node_out = entry["outputs"]["20"]
     assert len([i for i in node_out["images"] if i["type"] == "temp"]) == 1  # the grid, previewed on the node
     report = next(t for t in output_texts(entry) if t.startswith("CMLoRA Compare Methods"))
-    found = re.findall(r"^(\w+): [\d.]+ s .*?, ([\d.]+)x the UNet FLOPs of merge", report, re.M)
+    found = re.findall(r"^(\w+): [\d.]+ s .*?, ([\d.]+)x the model FLOPs of merge", report, re.M)
     assert [m for m, _ in found] == METHODS
     ratios = {m: float(r) for m, r in found}
     assert ratios["merge"] == 1.0 and ratios["composite"] == 2.0

@@ -226,7 +226,7 @@ def check_demo_run(server, workflow: dict, entry: dict) -> None:
         assert reports and reports[0].startswith(f"method {method}, {n_loras} LoRAs"), reports
         if method == "cmlora":
             mode = by_type["CMLoRA_FrequencyScheduler"][0]["widgets_values"][0]
-            assert f"({mode}, cache deep)" in reports[0] and "x the UNet FLOPs of merge" in reports[0]
+            assert f"({mode}, cache deep)" in reports[0] and "x the model FLOPs of merge" in reports[0]
     if "CLoRA_Masks" in by_type:  # one mask per subject LoRA (the style one has none)
         preview = next(n for n in workflow["nodes"] if n["type"] == "MaskPreview")
         subjects = [n for n in by_type["CMLoRA_LoraStack"] if n["widgets_values"][4] != "style"]

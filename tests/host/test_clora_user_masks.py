@@ -122,3 +122,33 @@ def test_bad_masks_are_refused_and_leave_the_model_as_it_was(sd15, tmp_path, mon
     (tmp_path / "clora_masks" / "broken.safetensors").write_bytes(b"not a safetensors file")
     msg = _error(LoadMasks.execute, masks_file="broken.safetensors")
     assert "'masks_file'" in msg and "CLoRA Save Masks" in msg
+
+
+def test_empty_and_nan_masks_long_names_and_links_out_of_the_folder_are_refused(sd15, tmp_path, monkeypatch):
+    """Zero-size masks (a crop past the image's edge), NaN masks, a file name over the file system's 255
+    bytes, and a saved-masks file that is a link out of its folder: each a clear error naming the input."""
+    from safetensors.torch import save_file
+
+    nan = halves().clone()
+    nan[0, 0, 0] = float("nan")
+    for bad, words in ((torch.zeros(2, 0, SIZE), "no pixels"), (nan, "not numbers")):
+        for mode in ("add", "replace"):
+            msg = _error(masker, sd15=sd15, masks=bad, mask_mode=mode)
+            assert "CLoRA Attention Masker" in msg and "'masks'" in msg and words in msg, msg
+        msg = _error(SaveMasks.execute, masks=bad, filename="x")
+        assert "CLoRA Save Masks" in msg and "'masks'" in msg and words in msg, msg
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    long = "é" * 100  # 100 letters of 2 bytes: 212 bytes with ".safetensors", within the limit
+    SaveMasks.execute(masks=halves(), filename=long)
+    longer = "日" * 90  # 90 letters of 3 bytes: 270 bytes
+    msg = _error(SaveMasks.execute, masks=halves(), filename=longer)
+    assert "'filename'" in msg and "270 bytes" in msg and "shorter name" in msg
+    folder = tmp_path / "clora_masks"
+    save_file({"masks": nan}, str(tmp_path / "nan.safetensors"))
+    (folder / "outside.safetensors").symlink_to(tmp_path / "nan.safetensors")
+    options = next(i for i in LoadMasks.define_schema().inputs if i.id == "masks_file").options
+    assert "outside.safetensors" not in options and f"{long}.safetensors" in options
+    assert "not one of its options" in _error(LoadMasks.execute, masks_file="outside.safetensors")
+    save_file({"masks": nan}, str(folder / "nan inside.safetensors"))
+    msg = _error(LoadMasks.execute, masks_file="nan inside.safetensors")
+    assert "'masks_file'" in msg and "not numbers" in msg

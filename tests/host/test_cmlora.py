@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 import comfy.lora
 import comfy.model_management
 
-from _util import Recorder, apply, diffusion_out, ksample, lora_loader, stack
+from _util import Recorder, apply, diffusion_out, ksample, lora_loader, stack, stepwise_reference
 
 from comfyui_cmlora.cmlora_core.cmlora import FULL, SHALLOW, Planner
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
@@ -107,16 +107,34 @@ def test_pass_counts_and_flop_ratio_match_the_schedule(sd15, conds):
     assert 0.0 < f < 1.0
     assert runtime.flop_ratio(trace) == pytest.approx((trace.full_passes + f * trace.shallow_passes) / trace.model_calls)
     report = runtime.report(trace)
-    assert f"{trace.full_passes} full, {trace.shallow_passes} shallow" in report and "x the UNet FLOPs of merge" in report
+    assert f"{trace.full_passes} full, {trace.shallow_passes} shallow" in report and "x the model FLOPs of merge" in report
     assert f"{runtime.flop_ratio(trace):.3f}x" in report
     # with dominant_full: N full passes at step 0, then one full pass per step
     assert trace.full_passes == calls_per_step * (3 + (steps - 1))
 
 
-def test_first_run_runs_only_its_scheduled_passes_and_reports_the_benchmarks_flop_ratio(sd15, conds):
-    """No pass of the real model beyond the schedule's, even on the first run of a process; the report's
-    FLOP ratio is the benchmark's, counted on the same architecture."""
-    from benchmarks.flops import MetaBench
+def _real_pass_flops(model) -> tuple[int, int]:
+    """FLOPs of one full and one shallow pass of the real model on real inputs, counted by torch's
+    FlopCounterMode as they run (not the pack's meta-device count). Attention runs PyTorch's math
+    kernel, whose matrix products the counter sees (it has no formula for the CPU's fused kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    comfy.model_management.load_models_gpu([model])
+    unet = model.model.diffusion_model
+    split, sink = find_split(unet), []
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as full:
+            unet(x, t, context=context, transformer_options={"patches": {"output_block_patch": [capture_patch(split, sink)]}})
+        with FlopCounterMode(display=False) as shallow:
+            shallow_forward(unet, split, x, t, context, None, sink[0], {})
+    return full.get_total_flops(), shallow.get_total_flops()
+
+
+def test_first_run_runs_only_its_scheduled_passes_and_reports_their_flops(sd15, conds):
+    """No pass of the real model beyond the schedule's, even on the first run of a process, counted by
+    hooks on the model; the report's FLOP ratio is those passes' FLOPs as torch counts them running."""
     from comfyui_cmlora.nodes import unet_split
 
     unet_split.FLOP_FRACTIONS.clear()  # nothing counted yet, as in a fresh process
@@ -142,21 +160,18 @@ def test_first_run_runs_only_its_scheduled_passes_and_reports_the_benchmarks_flo
             h.remove()
     runtime = runtime_of(patched)
     trace = runtime.last_trace
-    planner = Planner(sched, steps)
-    plans = [planner.plan(i) for i in range(steps)]
-    calls_per_step = trace.model_calls // steps
-    full = calls_per_step * sum(p.passes.count(FULL) for p in plans)
-    shallow = calls_per_step * sum(p.passes.count(SHALLOW) for p in plans)
     per_call = 2  # cond and uncond in one call
-    assert (trace.full_passes, trace.shallow_passes) == (full, shallow)
+    calls_per_step = trace.model_calls // steps
+    # by hand: step 0 runs the three LoRAs' full passes, steps 1-5 the dominant's full pass and two shallow
+    full, shallow = calls_per_step * (3 + 5), calls_per_step * (5 * 2)
     assert rows == {"outer": (full + shallow) * per_call, "deep": full * per_call}
+    assert (trace.full_passes, trace.shallow_passes) == (full, shallow)
 
-    costs = MetaBench("fixture", steps).pass_costs()
-    f = costs["shallow_unet"] / costs["full_unet"]
-    assert trace.shallow_fraction == f
-    ratio = (full * costs["full_unet"] + shallow * costs["shallow_unet"]) / (trace.model_calls * costs["full_unet"])
-    assert runtime.flop_ratio(trace) == pytest.approx(ratio, rel=1e-12)
-    assert f"this run took {ratio:.3f}x the UNet FLOPs of merge" in runtime.report(trace)
+    full_flops, shallow_flops = _real_pass_flops(model)
+    assert trace.shallow_fraction == pytest.approx(shallow_flops / full_flops, rel=1e-9)
+    ratio = (full * full_flops + shallow * shallow_flops) / (trace.model_calls * full_flops)
+    assert runtime.flop_ratio(trace) == pytest.approx(ratio, rel=1e-9)
+    assert f"this run took {ratio:.3f}x the model FLOPs of merge" in runtime.report(trace)
 
 
 def test_cmlora_run_leaves_base_model_bit_identical(sd15, conds):
@@ -291,3 +306,22 @@ def test_prediction_cache_reuses_whole_predictions(sd15, conds):
     assert trace.reused == sum(p.passes.count("reuse") for p in plans) > 0
     assert trace.full_passes == sum(p.passes.count(FULL) for p in plans)
     assert torch.isfinite(out).all()
+
+
+def test_the_profiler_samples_each_lora_over_its_step_range(sd15, conds):
+    """A LoRA limited to the first half is profiled on the image the host's own nodes make of it: LoraLoader
+    for the first two steps, the base model for the last two; a profile without the range is another."""
+    from comfyui_cmlora.nodes.profiling import _measure
+
+    model = sd15[0]
+    pos, neg = conds
+    latent = {"samples": torch.zeros(1, 4, 16, 16)}
+    args = dict(model=model, positive=pos, negative=neg, latent_image=latent, seed=3, steps=4, cfg=4.0,
+                sampler_name="euler", scheduler="normal")
+    ranged = ProfilerNode.execute(stack=stack({"lora_name": A, "end_at": 0.5}, (B, 1.0)), **args).args[0]
+    on = lora_loader(model, (A, 1.0))
+    expected = stepwise_reference([on, on, model, model], conds, "euler", 4, seed=3, cfg=4.0,
+                                  latent_shape=(1, 4, 16, 16))
+    assert ranged["loras"][0]["score"] == pytest.approx(_measure(expected, decoded=False)[1], rel=1e-4)
+    whole = ProfilerNode.execute(stack=stack((A, 1.0), (B, 1.0)), **args).args[0]
+    assert whole["cache_key"] != ranged["cache_key"] and whole["loras"][0]["score"] != ranged["loras"][0]["score"]

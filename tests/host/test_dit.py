@@ -175,6 +175,25 @@ def test_a_flux_lora_on_an_sdxl_model_names_its_base(sdxl, other_loras):
     assert other_loras["Flux"] in str(e.value) and "looks like a Flux LoRA" in str(e.value)
 
 
+def test_a_slice_of_a_fused_layer_of_the_wrong_width_is_refused(fixture, narrow, models_dir):
+    """Diffusers-layout q projections 8 rows wider than the q third of Flux's fused qkv (and linear1):
+    every method refuses the file before sampling, naming the slice."""
+    if fixture.key != "flux1_dev":
+        pytest.skip("one fused-slice layout is enough: Flux.1 [dev]'s diffusers file")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(models_dir / "loras" / fixture.narrow_file("flux_diffusers")))
+    for k in [k for k in tensors if ".attn.to_q.lora_B." in k]:
+        tensors[k] = torch.cat([tensors[k], tensors[k][:8]])
+    name = "test_flux_wrong_slice_narrow.safetensors"
+    save_file(tensors, str(models_dir / "loras" / name))
+    for method in ("merge", "composite"):
+        with pytest.raises(CMLoRAError) as e:
+            apply(narrow, stack((name, 1.0)), method)
+        text = str(e.value)
+        assert name in text and "wrong shape" in text and "qkv.weight[0:" in text, text
+
+
 # ---------------------------------------------------------------- sampling, on the narrow twin
 
 def test_merge_equals_chained_lora_loader_model_only(fixture, narrow):

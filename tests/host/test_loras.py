@@ -148,3 +148,24 @@ def test_sampler_node_reports(sd15, conds):
     latent, report = out.args
     assert latent["samples"].shape == (1, 4, 8, 8)
     assert "active LoRA per step: [0, 1]" in report and "model keys mapped" in report
+
+
+def test_a_lora_routing_cannot_apply_is_refused_by_the_apply_node_with_a_fix_for_its_method(sd15, conds, models_dir):
+    """A LyCORIS "diff" patch on a GroupNorm weight: the host's merge folds it, the routed methods cannot
+    add it in the forward. Refused when the node runs, before any sampling, with a fix for the method."""
+    from safetensors.torch import save_file
+
+    name = "test_norm_diff.safetensors"
+    save_file({"lora_unet_input_blocks_1_0_in_layers_0.w_norm": torch.full((320,), 0.05)},
+              str(models_dir / "loras" / name))
+    model = sd15[0]
+    with pytest.raises(CMLoRAError) as e:
+        apply(model, stack((name, 1.0)), "composite")
+    assert "GroupNorm" in str(e.value) and "method 'composite'" in str(e.value)
+    assert "use method 'merge' without a step range" in str(e.value)
+    with pytest.raises(CMLoRAError) as e:
+        apply(model, stack({"lora_name": name, "strength_model": 1.0, "end_at": 0.5}), "merge")
+    assert "method 'merge'" in str(e.value) and "remove its step range" in str(e.value)
+    # without a range, merge is the host's own fold, as LoraLoader's
+    ours = ksample(apply(model, stack((name, 1.0)), "merge"), conds, steps=2)
+    assert torch.allclose(ours, ksample(lora_loader(model, (name, 1.0)), conds, steps=2), atol=1e-5)

@@ -66,17 +66,42 @@ def test_strength_curve_equals_lora_loader_at_each_steps_strength(sd15, conds, m
     assert not torch.allclose(ours, constant, atol=1e-3)
 
 
-def test_cmlora_gives_a_lora_strength_zero_off_its_range(sd15, conds):
-    """CMLoRA composes at least two LoRAs, so no LoraLoader run is its reference: A limited to the
-    first half is routed at strength 0 on the second half (its slot is the base model's prediction
-    there), which changes the image against the unlimited stack."""
+def test_cmlora_composes_only_the_loras_on_at_each_step(sd15, conds):
+    """A on the first half, B on the second: at every step one LoRA is on, so CMLoRA leads with it at
+    weight 1 and runs no pass of the other; the image is LoraLoader A's for three steps, then B's."""
     model = sd15[0]
-    limited = patched(model, stack(entry(A, end_at=0.5), entry(B)), "cmlora")
-    out = ksample(limited, conds, steps=STEPS)
-    trace = runtime_of(limited).last_trace
-    assert [trace.strengths[i] for i in range(STEPS)] == [(1.0, 1.0)] * 3 + [(0.0, 1.0)] * 3
-    assert not torch.allclose(out, ksample(patched(model, stack(entry(A), entry(B)), "cmlora"), conds, steps=STEPS),
-                              atol=1e-3)
+    p = patched(model, stack(entry(A, end_at=0.5), entry(B, 0.8, start_at=0.5)), "cmlora")
+    ours = ksample(p, conds, steps=STEPS)
+    trace = runtime_of(p).last_trace
+    assert [trace.plans[i].dominant for i in range(STEPS)] == [0, 0, 0, 1, 1, 1]
+    assert (trace.full_passes, trace.shallow_passes) == (trace.model_calls, 0)
+    a, b = lora_loader(model, (A, 1.0)), lora_loader(model, (B, 0.8))
+    expected = once(("A then B", A, B, 0.8), lambda: stepwise_reference([a] * 3 + [b] * 3, conds, "euler", STEPS))
+    assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
+
+
+def test_a_fade_in_from_zero_is_applied(sd15, conds):
+    """Strength 0 ramping linearly to 1 (strength_model 0 and strength_model_end 1): on at every step
+    but the first, at 0.2, 0.4, 0.6, 0.8 and 1."""
+    model = sd15[0]
+    p = patched(model, stack(entry(A, 0.0, strength_curve="linear", strength_model_end=1.0)), "merge")
+    ours = ksample(p, conds, steps=STEPS)
+    models = [model] + [lora_loader(model, (A, s)) for s in (0.2, 0.4, 0.6, 0.8, 1.0)]
+    expected = stepwise_reference(models, conds, "euler", STEPS)
+    assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
+
+
+def test_switch_gives_a_lora_that_comes_on_whole_turns(sd15, conds):
+    """A throughout, B on the second half of 10 steps, interval 3: turns start at steps 0, 3, 6 and 9;
+    B is off at 3, so its first turn is 6-8, whole: A A A A A A B B B A."""
+    model = sd15[0]
+    p = patched(model, stack(entry(A), entry(B, 0.8, start_at=0.5)), "switch", interval=3)
+    ours = ksample(p, conds, steps=10)
+    trace = runtime_of(p).last_trace
+    assert [trace.active[i] for i in range(10)] == [0] * 6 + [1] * 3 + [0]
+    a, b = lora_loader(model, (A, 1.0)), lora_loader(model, (B, 0.8))
+    expected = stepwise_reference([a] * 6 + [b] * 3 + [a], conds, "euler", 10)
+    assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
 
 
 def test_switch_rotates_through_the_loras_on_at_each_step(sd15, conds):
