@@ -78,6 +78,11 @@ class LoraEntry:
         return self.enabled and self.strength_clip != 0.0
 
 
+def on_sets(entries, total: int) -> list[set[int]]:
+    """The entries on at each step of a ``total``-step run: those whose strength there is not 0."""
+    return [{i for i, e in enumerate(entries) if e.strength_at(s, total) != 0.0} for s in range(total)]
+
+
 @dataclass(frozen=True)
 class LoraStack:
     """An ordered tuple of entries; chaining stack nodes appends in graph order."""

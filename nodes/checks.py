@@ -112,6 +112,16 @@ def check_inputs(cls, values: dict, looked_up: tuple[str, ...] = ()) -> str:
     return node
 
 
+def check_mask_values(masks, node: str, input: str, fix: str) -> None:
+    """Masks with pixels, every value finite and within 0..1, or a clear error."""
+    if masks.numel() == 0:
+        raise CMLoRAError(node, input, f"the masks have no pixels (shape {'x'.join(map(str, masks.shape))}).",
+                          fix + " A crop past the image's edge leaves an empty mask.")
+    if not bool(torch.isfinite(masks).all()) or float(masks.min()) < 0 or float(masks.max()) > 1:
+        raise CMLoRAError(node, input, "the masks hold values that are not numbers (NaN, infinite) or lie outside "
+                          "0..1.", fix)
+
+
 # ------------------------------------------------------------------ files the pack saves
 
 _SAFE_NAME = re.compile(r"[\w][\w .-]{0,99}")

@@ -15,7 +15,7 @@ from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import require_model_entries
 from . import host
 from .clora_runtime import Branches, CLoRARuntime, CLoRASettings, attach_clora, attention_layers
-from .checks import check_inputs, save_path, saved_files, saved_folder
+from .checks import check_inputs, check_mask_values, save_path, saved_files, saved_folder
 from .host import io
 from .loras import map_clip_lora, map_model_lora
 from .plots import PALETTE, draw_mask_legend, mask_legend
@@ -94,16 +94,6 @@ def _chosen_subjects(text: str, concepts: list[str]) -> tuple[int, ...]:
                               f"{', '.join(concepts)}).", "write the concept words as set on the LoRA Stack nodes.")
         chosen.append(lowered.index(n.lower()))
     return tuple(sorted(set(chosen)))
-
-
-def check_mask_values(masks: torch.Tensor, node: str, input: str, fix: str) -> None:
-    """Masks with pixels, every value finite and within 0..1, or a clear error."""
-    if masks.numel() == 0:
-        raise CMLoRAError(node, input, f"the masks have no pixels (shape {list(masks.shape)}).",
-                          fix + " A crop past the image's edge leaves an empty mask.")
-    if not bool(torch.isfinite(masks).all()) or float(masks.min()) < 0 or float(masks.max()) > 1:
-        raise CMLoRAError(node, input, "the masks hold values that are not numbers (NaN, infinite) or lie outside "
-                          "0..1.", fix)
 
 
 def _user_masks(masks, mode: str, concepts: list[str]) -> torch.Tensor | None:

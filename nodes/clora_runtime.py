@@ -25,6 +25,7 @@ from ..cmlora_core.clora import (attention_probs, branch_masks, combine_user_mas
                                  euler_correction, fit_tokens, fit_user_masks, fuse, subject_maps, update_plan,
                                  x_space_step)
 from ..cmlora_core.errors import CMLoRAError
+from ..cmlora_core.regions import MaskShapeError, check_aspect
 from ..cmlora_core.routing import Route, Routing
 from . import host
 from .routed import ModelCall, check_routable
@@ -386,11 +387,11 @@ class CLoRARuntime(Runtime):
         """The artist's masks at latent ``size`` for ``b`` images: (N, b, h, w) in {0, 1}."""
         drawn = self.settings.user_masks
         n = len(self.branches.subject_loras)
-        (mh, mw), (h, w) = drawn.shape[-2:], size
-        if abs(mh * w - mw * h) > 0.02 * mh * w:
-            raise CMLoRAError(self.node, "masks", f"the masks are {mw}x{mh} pixels, the image {w * 8}x{h * 8}: "
-                              "their shapes differ, so each mask would be stretched off its subject.",
-                              "draw the masks at the image's size (or the same aspect ratio).")
+        try:
+            check_aspect(tuple(drawn.shape[-2:]), tuple(size))
+        except MaskShapeError as e:
+            raise CMLoRAError(self.node, "masks", f"{e}.", "draw the masks at the image's size (or the same "
+                              "aspect ratio).") from None
         if drawn.shape[0] not in (n, n * b):
             raise CMLoRAError(self.node, "masks", f"{drawn.shape[0]} masks for {n} subject LoRAs and a batch of {b}.",
                               f"give one mask per subject LoRA ({n}), or one per subject and image ({n * b}).")

@@ -8,7 +8,7 @@ import os
 from ..cmlora_core.cmlora import (CACHES, MODES, REFRESH, W_DOM, Planner, Schedule, ScheduleMismatch, ScheduleSettings,
                                   check_schedule, sets_from_categories)
 from ..cmlora_core.errors import CMLoRAError
-from ..cmlora_core.stack import require_model_entries
+from ..cmlora_core.stack import on_sets, require_model_entries
 from . import host
 from .apply_nodes import Schedule as ScheduleType
 from .checks import check_inputs, save_path, saved_files, saved_folder
@@ -159,7 +159,7 @@ def _on_sets(stack, schedule: Schedule, steps: int) -> list[set[int]] | None:
     entries = stack.model_entries() if stack is not None else ()
     if tuple(e.name for e in entries) != tuple(schedule.names) or not any(e.scheduled for e in entries):
         return None
-    return [{i for i, e in enumerate(entries) if e.strength_at(s, steps) != 0.0} for s in range(steps)]
+    return on_sets(entries, steps)
 
 
 class SaveProfile(io.ComfyNode):

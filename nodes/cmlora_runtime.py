@@ -83,8 +83,7 @@ class CMLoRARuntime(Runtime):
     def _planner_for(self, total: int) -> Planner:
         if self._planner is None or self._planner.total != total:
             self._check(total)
-            on = [set(self.on_at(s)) for s in range(total)] if self.scheduled else None
-            self._planner = Planner(self.schedule, total, on)
+            self._planner = Planner(self.schedule, total, self.on_sets(total))
         return self._planner
 
     def model_call(self, executor, call: ModelCall, step: int):

@@ -48,6 +48,13 @@ def weight_patches(patches: dict) -> dict[str, list]:
     return out
 
 
+def switch_routes(model_patcher, loras: list[MappedLora]) -> bool:
+    """Whether switch routes the active LoRA in the forward (where the pack must not write the
+    weights: the host manages them per forward, or stores them quantized) instead of folding it."""
+    keys = {host.patch_key(key)[0] for ml in loras for key in ml.patches}
+    return not host.weights_writable(model_patcher, sorted(keys))
+
+
 class MergeCheck:
     """Merge's only wrapper: stops a run whose prediction turns NaN or infinite (plain data, so
     hosts may copy it between clones as they like)."""
@@ -80,7 +87,7 @@ class ScheduledMergeRuntime(Runtime):
         return 1
 
     def model_call(self, executor, call: ModelCall, step: int):
-        indices = [i for i in self.on_at(step) if self.routed.strengths[i] != 0.0]
+        indices = self.on_at(step)
         self.trace.call_rows.append(call.rows)
         with self.routed.routed(self.routed.together(call.rows, indices)):
             out = call.run(executor)
@@ -117,9 +124,7 @@ class SwitchRuntime(Runtime):
         return 1
 
     def _must_route(self, model_patcher) -> bool:
-        """Route the active LoRA in the forward where the pack must not write the weights."""
-        keys = {host.patch_key(key)[0] for ml in self.loras for key in ml.patches}
-        return not host.weights_writable(model_patcher, sorted(keys))
+        return switch_routes(model_patcher, self.loras)
 
     def inject(self, model_patcher) -> None:
         if self._must_route(model_patcher):  # folding puts nothing on the model call's path
@@ -132,7 +137,8 @@ class SwitchRuntime(Runtime):
         """The LoRA active at each step of a ``total``-step run (switch_turns over the LoRAs on at each
         step), worked out once per run length."""
         if self._turns is None or len(self._turns) != total:
-            self._turns = switch_turns([self.on_at(s) for s in range(total)], self.interval, len(self.loras))
+            every = [set(range(len(self.loras)))] * total
+            self._turns = switch_turns(self.on_sets(total) or every, self.interval, len(self.loras))
         return self._turns
 
     def model_call(self, executor, call: ModelCall, step: int):
@@ -236,7 +242,7 @@ class RegionalRuntime(Runtime):
     def model_call(self, executor, call: ModelCall, step: int):
         on = self.on_at(step)
         regions = [i for i in self.masked if i in on]
-        rest = [i for i in self.unmasked if i in on and self.routed.strengths[i] != 0.0]
+        rest = [i for i in self.unmasked if i in on]
         rows, copies = call.rows, 1 + len(regions)
         routes = [Route(i, 0, rows, self.routed.strengths[i]) for i in rest]
         routes += [Route(i, k * rows, (k + 1) * rows, self.routed.strengths[i]) for k, i in enumerate(regions, start=1)]
@@ -252,6 +258,8 @@ class RegionalRuntime(Runtime):
         """The weights of one model call: the whole latent's, or, for the conds the host feeds as a crop
         of the latent (area prompts), each cond's rows get the part of them under its crop."""
         full = self.latent_hw or size
+        if not self.cond_areas and size == full:  # no area prompt in this run
+            return self.weights(regions, size, device)
         uuids = list(call.options.get("uuids") or [])
         boxes = [host.area_box(self.cond_areas[u], full) if u in self.cond_areas else None for u in uuids]
         if not any(boxes) and size == full:
@@ -297,10 +305,8 @@ def apply_method(model, loras: list[MappedLora], method: str, switch_interval: i
         raise CMLoRAError(node, "method", f"LoRA {', '.join(repr(n) for n in masked)} has a mask, which method "
                           f"'{method}' cannot honour.", "set method to 'regions', or disconnect the mask from its "
                           "stack node.")
-    routes = method != "merge" or any(ml.entry.scheduled for ml in loras)
-    if method == "switch":  # switch folds into the weights, and routes only where it must not write them
-        keys = sorted({host.patch_key(key)[0] for ml in loras for key in ml.patches})
-        routes = not host.weights_writable(model, keys)
+    routes = switch_routes(model, loras) if method == "switch" else (
+        method != "merge" or any(ml.entry.scheduled for ml in loras))
     if routes:
         check_routable(model.model, loras, node, method)
     clone = model.clone()

@@ -124,12 +124,20 @@ def own_lists(value):
     return value
 
 
-def _module_kind(module, node: str) -> tuple[str, dict]:
-    # by the layer's attributes, not its class: the hosts' quantized layers are not torch's classes
+def _kind(module) -> str | None:
+    """'conv' (2-D), 'linear', or None for a layer a routed delta cannot be added to; by the layer's
+    attributes, not its class: the hosts' quantized layers are not torch's classes."""
     if len(getattr(module, "kernel_size", ())) == 2:
+        return "conv"
+    return "linear" if hasattr(module, "in_features") else None
+
+
+def _module_kind(module, node: str) -> tuple[str, dict]:
+    kind = _kind(module)
+    if kind == "conv":
         return "conv", {"stride": module.stride, "padding": module.padding, "dilation": module.dilation,
                         "groups": module.groups}
-    if hasattr(module, "in_features"):
+    if kind == "linear":
         return "linear", {}
     raise CMLoRAError(node, "method", f"layer type {type(module).__name__} cannot take a routed LoRA delta.",
                       "use method 'merge' for this model.")
@@ -145,7 +153,7 @@ def routing_problem(base_model, key) -> str | None:
         return (f"patches a slice of {name} along its dimension {offset[0]}; routing adds deltas to slices of a "
                 "layer's outputs only")
     module = host.get_attr(base_model, name.rsplit(".", 1)[0])
-    if len(getattr(module, "kernel_size", ())) != 2 and not hasattr(module, "in_features"):
+    if _kind(module) is None:
         return f"patches a {type(module).__name__} layer ({name}), which cannot take a routed delta"
     return None
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cmlora_core.errors import CMLoRAError
+from ..cmlora_core.stack import on_sets
 from ..cmlora_core.steps import StepClock, num_steps, step_index
 from . import host
 from .loras import MappedLora
@@ -198,6 +199,7 @@ class Runtime:
         self.sampler_name = ""  # the sampler function of the run (e.g. "sample_euler")
         self._clock = StepClock()
         self._evaluation: tuple[float, int] | None = None  # (sigma, step) of the evaluation in progress
+        self._on_sets: list[set[int]] | None = None  # Runtime.on_sets, for the last run length
         self.latent_hw: tuple[int, int] | None = None  # the run's latent height and width
         self.cond_areas: dict = {}  # cond uuid -> its area (the crop the host feeds the model for it)
 
@@ -315,12 +317,20 @@ class Runtime:
             self.trace.strengths[step] = tuple(self.routed.strengths)
         return self.model_call(executor, call, step)
 
-    def on_at(self, step: int) -> list[int]:
-        """The LoRAs on at ``step``: those whose strength there is not 0 (outside its step range, or
-        where its curve passes through 0, a LoRA is off; all of them when none has a range or curve)."""
+    def on_sets(self, total: int) -> list[set[int]] | None:
+        """The LoRAs on at each step of a ``total``-step run (``stack.on_sets``: outside its step range,
+        or where its curve passes through 0, a LoRA is off), worked out once per run length; None when
+        no LoRA has a range or curve (all on throughout)."""
         if not self.scheduled:
-            return list(range(len(self.loras)))
-        return [i for i, ml in enumerate(self.loras) if ml.entry.strength_at(step, self.trace.steps) != 0.0]
+            return None
+        if self._on_sets is None or len(self._on_sets) != total:
+            self._on_sets = on_sets([ml.entry for ml in self.loras], total)
+        return self._on_sets
+
+    def on_at(self, step: int) -> list[int]:
+        """The LoRAs on at ``step``, in stack order."""
+        sets = self.on_sets(self.trace.steps)
+        return list(range(len(self.loras))) if sets is None else sorted(sets[step])
 
     def model_call(self, executor, call: ModelCall, step: int) -> torch.Tensor:
         raise NotImplementedError

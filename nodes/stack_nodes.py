@@ -8,7 +8,7 @@ from ..cmlora_core.lora_file import FileCache
 from ..cmlora_core.stack import CATEGORIES, LoraEntry, LoraStack
 from ..cmlora_core.steps import CURVES
 from . import host
-from .checks import check_inputs, check_number, shown
+from .checks import check_inputs, check_mask_values, check_number, shown
 from .host import io
 from .loras import load_lora_file, map_clip_lora
 
@@ -50,11 +50,7 @@ def region_mask(mask, node: str):
         raise CMLoRAError(node, "mask", f"expected one mask, got {shape}.",
                           "connect a single MASK (e.g. from Load Image (as Mask) or a mask editor), not a batch.")
     region = (mask[0] if mask.ndim == 3 else mask).detach().float().cpu()
-    if region.numel() == 0:
-        raise CMLoRAError(node, "mask", f"the mask has no pixels ({region.shape[0]}x{region.shape[1]}, height x width).",
-                          "connect a mask of the image's size (a crop past the image's edge leaves nothing).")
-    if not bool(torch.isfinite(region).all()) or float(region.min()) < 0 or float(region.max()) > 1:
-        raise CMLoRAError(node, "mask", "the mask holds values outside 0..1.", "connect a MASK output (values 0 to 1).")
+    check_mask_values(region, node, "mask", "connect a MASK output (values 0 to 1) of the image's size.")
     if float(region.max()) == 0.0:
         raise CMLoRAError(node, "mask", "the mask is empty (all 0), so the LoRA would act nowhere.",
                           "paint the LoRA's region in the mask, or disconnect it.")

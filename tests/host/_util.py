@@ -183,3 +183,24 @@ def weight_digests(model, keys) -> dict:
     out = digests({k: weights[k] for k in sorted(keys)})
     assert out, "no weights to compare"
     return out
+
+
+def real_pass_flops(model) -> tuple[int, int]:
+    """FLOPs of one full and one shallow pass of the real model on real inputs, counted by torch's
+    FlopCounterMode as they run (not the pack's meta-device count). Attention runs PyTorch's math
+    kernel, whose matrix products the counter sees (it has no formula for the CPU's fused kernel)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from comfyui_cmlora.nodes.unet_split import capture_patch, find_split, shallow_forward
+
+    comfy.model_management.load_models_gpu([model])
+    unet = model.model.diffusion_model
+    split, sink = find_split(unet), []
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as full:
+            unet(x, t, context=context, transformer_options={"patches": {"output_block_patch": [capture_patch(split, sink)]}})
+        with FlopCounterMode(display=False) as shallow:
+            shallow_forward(unet, split, x, t, context, None, sink[0], {})
+    return full.get_total_flops(), shallow.get_total_flops()

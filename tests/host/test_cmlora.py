@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 import comfy.lora
 import comfy.model_management
 
-from _util import Recorder, apply, diffusion_out, ksample, lora_loader, stack, stepwise_reference
+from _util import Recorder, apply, diffusion_out, ksample, lora_loader, real_pass_flops, stack, stepwise_reference
 
 from comfyui_cmlora.cmlora_core.cmlora import FULL, SHALLOW, Planner
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
@@ -113,25 +113,6 @@ def test_pass_counts_and_flop_ratio_match_the_schedule(sd15, conds):
     assert trace.full_passes == calls_per_step * (3 + (steps - 1))
 
 
-def _real_pass_flops(model) -> tuple[int, int]:
-    """FLOPs of one full and one shallow pass of the real model on real inputs, counted by torch's
-    FlopCounterMode as they run (not the pack's meta-device count). Attention runs PyTorch's math
-    kernel, whose matrix products the counter sees (it has no formula for the CPU's fused kernel)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    comfy.model_management.load_models_gpu([model])
-    unet = model.model.diffusion_model
-    split, sink = find_split(unet), []
-    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        with FlopCounterMode(display=False) as full:
-            unet(x, t, context=context, transformer_options={"patches": {"output_block_patch": [capture_patch(split, sink)]}})
-        with FlopCounterMode(display=False) as shallow:
-            shallow_forward(unet, split, x, t, context, None, sink[0], {})
-    return full.get_total_flops(), shallow.get_total_flops()
-
-
 def test_first_run_runs_only_its_scheduled_passes_and_reports_their_flops(sd15, conds):
     """No pass of the real model beyond the schedule's, even on the first run of a process, counted by
     hooks on the model; the report's FLOP ratio is those passes' FLOPs as torch counts them running."""
@@ -167,7 +148,7 @@ def test_first_run_runs_only_its_scheduled_passes_and_reports_their_flops(sd15, 
     assert rows == {"outer": (full + shallow) * per_call, "deep": full * per_call}
     assert (trace.full_passes, trace.shallow_passes) == (full, shallow)
 
-    full_flops, shallow_flops = _real_pass_flops(model)
+    full_flops, shallow_flops = real_pass_flops(model)
     assert trace.shallow_fraction == pytest.approx(shallow_flops / full_flops, rel=1e-9)
     ratio = (full * full_flops + shallow * shallow_flops) / (trace.model_calls * full_flops)
     assert runtime.flop_ratio(trace) == pytest.approx(ratio, rel=1e-9)

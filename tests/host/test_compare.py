@@ -12,7 +12,7 @@ import comfy.patcher_extension
 import folder_paths
 import nodes as host_nodes
 
-from _util import digests, ksample, stack
+from _util import digests, ksample, real_pass_flops, stack
 
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.apply_nodes import SamplerNode
@@ -125,9 +125,7 @@ def test_each_tile_is_the_method_run_alone_with_labels_and_flop_ratios(sd15, con
     assert r["cmlora"] == sampler_ratio
     # by hand: one model call per step; step 0 runs both LoRAs' full passes, steps 1 and 2 the dominant's
     # full pass and the other's shallow one; each pass's FLOPs as torch counts them running
-    from test_cmlora import _real_pass_flops
-
-    full_flops, shallow_flops = _real_pass_flops(sd15[0])
+    full_flops, shallow_flops = real_pass_flops(sd15[0])
     assert r["cmlora"] == pytest.approx((4 * full_flops + 2 * shallow_flops) / (3 * full_flops), abs=5e-4)
 
     # the preview on the node and the report text
