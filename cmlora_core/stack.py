@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import CMLoRAError
-from .steps import CURVES, active_range, curve_strength
+from .steps import CURVES, NoiseSteps, curve_strength
 
 CATEGORIES = ("auto", "character", "clothing", "style", "background", "object")
 
@@ -16,8 +16,9 @@ class LoraEntry:
     ``name`` is the file name as the host lists it (``loras`` folder), ``path`` the resolved
     file; ``category`` one of CATEGORIES; ``concept`` the prompt words the LoRA depicts;
     ``trigger`` its trigger words (from the file's metadata when left empty by the user).
-    ``start``/``end`` limit the LoRA to part of the run (fractions of the steps), ``curve`` and
-    ``strength_end`` ramp its model strength over that part (see ``strength_at``). ``mask``
+    ``start``/``end`` limit the LoRA to part of the sampling, measured on the noise level from pure
+    noise (0) to the clean image (1) as ControlNet's start/end percent are (``steps.NoiseSteps``);
+    ``curve`` and ``strength_end`` ramp its model strength over that part (see ``strength_at``). ``mask``
     confines the LoRA to a region (method "regions"), its edge softened over ``feather`` pixels.
     """
 
@@ -33,7 +34,7 @@ class LoraEntry:
     start: float = 0.0
     end: float = 1.0
     curve: str = "constant"  # one of steps.CURVES
-    strength_end: float = 0.0  # the strength on the last step of the range (curves other than constant)
+    strength_end: float = 0.0  # the strength at the range's end (curves other than constant)
     mask: object = field(default=None, compare=False, repr=False)  # (H, W) region for method "regions"
     feather: float = 0.0  # the mask's soft edge, in the mask's pixels
 
@@ -48,20 +49,21 @@ class LoraEntry:
         """Whether the LoRA's model strength changes during the run."""
         return self.start > 0.0 or self.end < 1.0 or self.curve != "constant"
 
-    def steps_on(self, total: int) -> range:
-        return active_range(self.start, self.end, total)
-
-    def strength_at(self, step: int, total: int) -> float:
-        """The model strength at ``step`` of a ``total``-step run (0 outside the LoRA's range)."""
+    def strength_at(self, step: int, steps: NoiseSteps) -> float:
+        """The model strength at ``step`` of a sampler pass whose steps are ``steps`` (0 outside the
+        LoRA's range)."""
         if not self.scheduled:
             return self.strength_model
-        return curve_strength(self.strength_model, self.strength_end, self.curve, step, self.steps_on(total))
+        if step not in steps.steps_on(self.start, self.end):
+            return 0.0
+        position = steps.position(step) if self.curve != "constant" else self.start
+        return curve_strength(self.strength_model, self.strength_end, self.curve, position, self.start, self.end)
 
     def describe_schedule(self) -> str:
         """The range and curve in words, for reports ('' when the LoRA is on at one strength throughout)."""
         if not self.scheduled:
             return ""
-        text = f"steps {self.start:.0%}-{self.end:.0%}"
+        text = f"noise {self.start:.0%}-{self.end:.0%}"
         if self.curve != "constant":
             text += f", strength {self.strength_model:g} -> {self.strength_end:g} ({self.curve})"
         return text
@@ -78,9 +80,14 @@ class LoraEntry:
         return self.enabled and self.strength_clip != 0.0
 
 
-def on_sets(entries, total: int) -> list[set[int]]:
-    """The entries on at each step of a ``total``-step run: those whose strength there is not 0."""
-    return [{i for i, e in enumerate(entries) if e.strength_at(s, total) != 0.0} for s in range(total)]
+def strength_table(entries, steps: NoiseSteps) -> list[tuple[float, ...]]:
+    """Each entry's model strength at each step of a pass (``LoraEntry.strength_at``), one row per step."""
+    return [tuple(e.strength_at(s, steps) for e in entries) for s in range(len(steps))]
+
+
+def on_sets(entries, steps: NoiseSteps) -> list[set[int]]:
+    """The entries on at each step of a pass: those whose strength there is not 0."""
+    return [{i for i, v in enumerate(row) if v != 0.0} for row in strength_table(entries, steps)]
 
 
 @dataclass(frozen=True)

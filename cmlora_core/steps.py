@@ -79,33 +79,42 @@ def switch_active(step: int, interval: int, n: int) -> int:
     return (step // interval) % n
 
 
-def switch_turns(on: list, interval: int, n: int) -> list[int | None]:
-    """LoRA Switch over a run in which LoRAs come and go: the LoRA active at each step.
+class SwitchTurns:
+    """LoRA Switch over a run in which LoRAs come and go: which LoRA each step gets, step by step.
 
-    ``on[s]`` holds the indices (of ``n`` LoRAs) that are on at step s. Turns: a turn starts at a
-    step, goes to the first LoRA after the previous turn's (in stack order, wrapping around) that is
-    on at that step, and lasts ``interval`` steps; it ends early when its LoRA goes off, and the next
-    turn starts there. A step with no LoRA on has none (the base model) and starts no turn. With every
-    LoRA on throughout this is ``switch_active``: each LoRA in turn for exactly ``interval`` steps;
-    a LoRA that is on when a turn starts and whose turn it is, is never passed over.
+    Turns: a turn starts at a step, goes to the first LoRA after the previous turn's (in stack order,
+    wrapping around) that is on at that step, and lasts ``interval`` steps; it ends early when its
+    LoRA goes off, and the next turn starts there. A step with no LoRA on has none (the base model)
+    and starts no turn. With every LoRA on throughout this is ``switch_active``: each LoRA in turn
+    for exactly ``interval`` steps; a LoRA that is on when a turn starts and whose turn it is, is never
+    passed over. ``state`` is where the turns stand after the steps taken so far: a sampler pass that
+    continues another one's leftover noise starts from the state that pass ended in.
     """
-    if interval < 1:
-        raise ValueError("switch interval must be >= 1")
-    out: list[int | None] = []
-    holder, left, previous = None, 0, -1
-    for on_s in on:
+
+    def __init__(self, interval: int, n: int, state: tuple | None = None):
+        if interval < 1:
+            raise ValueError("switch interval must be >= 1")
+        self.interval, self.n = interval, n
+        self.state = state or (None, 0, -1)  # (LoRA holding the turn, steps left in it, last LoRA given a turn)
+
+    def take(self, on_s) -> int | None:
+        """The LoRA of the next step, whose LoRAs on are ``on_s``."""
+        holder, left, previous = self.state
         if left > 0 and holder in on_s:
-            out.append(holder)
-            left -= 1
-            continue
+            self.state = (holder, left - 1, previous)
+            return holder
         if not on_s:
-            holder, left = None, 0
-            out.append(None)
-            continue
-        holder = min(on_s, key=lambda i: (i - previous - 1) % n)
-        previous, left = holder, interval - 1
-        out.append(holder)
-    return out
+            self.state = (None, 0, previous)
+            return None
+        holder = min(on_s, key=lambda i: (i - previous - 1) % self.n)
+        self.state = (holder, self.interval - 1, holder)
+        return holder
+
+
+def switch_turns(on: list, interval: int, n: int) -> list[int | None]:
+    """The LoRA active at each step of a run whose step s has the LoRAs ``on[s]`` (of ``n``) on."""
+    turns = SwitchTurns(interval, n)
+    return [turns.take(on_s) for on_s in on]
 
 
 def composite_weights(n: int) -> list[float]:
@@ -113,32 +122,80 @@ def composite_weights(n: int) -> list[float]:
     return [1.0 / n] * n
 
 
-# ---------------------------------------------------------------- per-LoRA step range and strength curve
+# ---------------------------------------------------------------- per-LoRA range and strength curve, on the noise level
 
 CURVES = ("constant", "linear", "smooth")
 
+# a step whose noise level is a range's boundary (to float32 rounding) belongs to the range starting there
+_SIGMA_TOLERANCE = 1e-5
 
-def active_range(start: float, end: float, total: int) -> range:
-    """The steps of a ``total``-step run that a LoRA limited to [start, end) (fractions of the run) is on.
 
-    Step i is on when start <= (i + 0.5) / total < end, i.e. when the middle of the step lies in the
-    range: a range of half the run is on for exactly half of an even number of steps, and the
-    fractions map to the same steps whatever the sampler (steps are found by sigma).
+class NoiseSteps:
+    """The steps of one sampler pass, placed on the noise level.
+
+    ``sigmas[i]`` is the noise level step i starts at. ``sigma_at(p)`` maps a place p between pure
+    noise (0) and the clean image (1) to a noise level: the model's ``percent_to_sigma``, the measure
+    of ControlNet's and conditioning's ``start_percent``/``end_percent`` and of hook keyframes. A range
+    [start, end) holds the steps whose noise level lies at or below ``sigma_at(start)`` and above
+    ``sigma_at(end)``; since the measure is the noise level, not the step count, a range means the same
+    part of the sampling when one run is split into several passes (KSamplerAdvanced's start/end steps,
+    SplitSigmas). On ComfyUI's ``normal`` and ``simple`` schedulers a range [0, 0.5) holds the first half of
+    an even number of steps, as a count of steps would.
     """
-    first = next((i for i in range(total) if (i + 0.5) / total >= start), total)
-    stop = next((i for i in range(first, total) if (i + 0.5) / total >= end), total)
-    return range(first, stop)
+
+    def __init__(self, sigmas, sigma_at):
+        self.sigmas = tuple(float(s) for s in sigmas)
+        self.sigma_at = sigma_at
+        self._positions: dict[int, float] = {}
+        self._bounds: dict[tuple[float, float], list[int]] = {}
+
+    @classmethod
+    def of(cls, sample_sigmas, percent_to_sigma) -> "NoiseSteps":
+        """A pass's steps from its schedule (T+1 falling values; the last ends the last step)."""
+        points = sample_sigmas.reshape(-1).tolist() if torch.is_tensor(sample_sigmas) else list(sample_sigmas)
+        return cls(points[:-1] or points[:1], lambda p: float(percent_to_sigma(p)))
+
+    @classmethod
+    def even(cls, total: int) -> "NoiseSteps":
+        """``total`` steps evenly spaced on the noise level (step i starts at place i / total): the
+        Scheduler's preview, where no model and sampler are known."""
+        return cls([1.0 - i / total for i in range(total)], lambda p: 1.0 - p)
+
+    def __len__(self) -> int:
+        return len(self.sigmas)
+
+    def steps_on(self, start: float, end: float) -> list[int]:
+        """The steps a range [start, end) holds (see the class); end 1 reaches the last step."""
+        key = (start, end)
+        if key not in self._bounds:
+            top, bottom = self.sigma_at(start), self.sigma_at(end)
+            self._bounds[key] = [i for i, s in enumerate(self.sigmas)
+                                 if _at_or_below(s, top) and not _at_or_below(s, bottom)]
+        return self._bounds[key]
+
+    def position(self, step: int) -> float:
+        """Where step ``step`` starts, between pure noise (0) and the clean image (1): the p with
+        sigma_at(p) equal to the step's noise level (bisection; sigma_at falls as p grows)."""
+        if step not in self._positions:
+            sigma, lo, hi = self.sigmas[step], 0.0, 1.0
+            for _ in range(48):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if self.sigma_at(mid) > sigma else (lo, mid)
+            self._positions[step] = 0.5 * (lo + hi)
+        return self._positions[step]
 
 
-def curve_strength(strength: float, strength_end: float, curve: str, step: int, steps: range) -> float:
-    """The strength at ``step`` of a LoRA on ``steps``: 0 outside them; inside, ``strength`` for the
-    constant curve, else a ramp from ``strength`` on the first step to ``strength_end`` on the last
-    (linear, or smooth: the cosine ease 0.5 - 0.5 cos(pi t))."""
-    if step not in steps:
-        return 0.0
-    if curve == "constant" or len(steps) == 1:
+def _at_or_below(sigma: float, bound: float) -> bool:
+    return sigma <= bound * (1 + _SIGMA_TOLERANCE) + 1e-12
+
+
+def curve_strength(strength: float, strength_end: float, curve: str, position: float, start: float, end: float) -> float:
+    """The strength of a LoRA on [start, end) at ``position`` (a place on the noise level within the
+    range): ``strength`` for the constant curve, else a ramp from ``strength`` at ``start`` to
+    ``strength_end`` at ``end`` (linear, or smooth: the cosine ease 0.5 - 0.5 cos(pi t))."""
+    if curve == "constant":
         return strength
-    t = (step - steps.start) / (len(steps) - 1)
+    t = min(1.0, max(0.0, (position - start) / (end - start)))
     if curve == "smooth":
         t = 0.5 - 0.5 * math.cos(math.pi * t)
     elif curve != "linear":

@@ -127,6 +127,10 @@ class _Attention:
 
 class CLoRARuntime(Runtime):
     method = "clora"
+    whole_runs_only = True
+    whole_run_fix = ("sample in one pass (KSamplerAdvanced: end_at_step 10000 or return_with_leftover_noise "
+                     "disabled); for a refiner or hires pass after it, feed that pass the model from before the "
+                     "CLoRA Attention Masker.")
 
     def __init__(self, loras, branches: Branches, settings: CLoRASettings, layers, ds_factor: int, node: str = NODE):
         self.branches, self.settings, self.layers = branches, settings, layers

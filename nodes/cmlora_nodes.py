@@ -9,6 +9,7 @@ from ..cmlora_core.cmlora import (CACHES, MODES, REFRESH, W_DOM, Planner, Schedu
                                   check_schedule, sets_from_categories)
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import on_sets, require_model_entries
+from ..cmlora_core.steps import NoiseSteps
 from . import host
 from .apply_nodes import Schedule as ScheduleType
 from .checks import check_inputs, save_path, saved_files, saved_folder
@@ -154,12 +155,12 @@ class SchedulerNode(io.ComfyNode):
 
 
 def _on_sets(stack, schedule: Schedule, steps: int) -> list[set[int]] | None:
-    """The LoRAs on at each previewed step, from the connected stack's step ranges and curves (None:
-    every LoRA on every step, or no stack of these LoRAs to read them from)."""
+    """The LoRAs on at each previewed step, from the connected stack's ranges and curves on steps evenly
+    spaced on the noise level (None: every LoRA on every step, or no stack of these LoRAs to read them from)."""
     entries = stack.model_entries() if stack is not None else ()
     if tuple(e.name for e in entries) != tuple(schedule.names) or not any(e.scheduled for e in entries):
         return None
-    return on_sets(entries, steps)
+    return on_sets(entries, NoiseSteps.even(steps))
 
 
 class SaveProfile(io.ComfyNode):

@@ -44,6 +44,10 @@ class _ObserveDenoised(PatcherEntry):
 class CMLoRARuntime(Runtime):
     method = "cmlora"
     trace_type = CMLoRATrace
+    whole_runs_only = True
+    whole_run_fix = ("sample in one pass (KSamplerAdvanced: end_at_step 10000 or return_with_leftover_noise "
+                     "disabled), or use method 'switch', 'composite' or 'merge', whose ranges and turns carry over "
+                     "from one pass to the next.")
 
     def __init__(self, loras: list[MappedLora], node: str, schedule: Schedule | None):
         if schedule is None:
@@ -83,7 +87,7 @@ class CMLoRARuntime(Runtime):
     def _planner_for(self, total: int) -> Planner:
         if self._planner is None or self._planner.total != total:
             self._check(total)
-            self._planner = Planner(self.schedule, total, self.on_sets(total))
+            self._planner = Planner(self.schedule, total, self.on_sets())
         return self._planner
 
     def model_call(self, executor, call: ModelCall, step: int):

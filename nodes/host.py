@@ -401,11 +401,12 @@ def meta_attention():
 # ---------------------------------------------------------------- area conditioning
 
 def sampler_sample_args(args: tuple, kwargs: dict):
-    """(guider, noise) of a SAMPLER_SAMPLE wrapper's call: the host calls the sampler's ``sample``
-    with (guider, sigmas, extra_args, callback, noise, ...)."""
+    """(guider, sigmas, noise) of a SAMPLER_SAMPLE wrapper's call: the host calls the sampler's
+    ``sample`` with (guider, sigmas, extra_args, callback, noise, ...)."""
     guider = kwargs.get("model_wrap", args[0] if args else None)
+    sigmas = kwargs.get("sigmas", args[1] if len(args) > 1 else None)
     noise = kwargs.get("noise", args[4] if len(args) > 4 else None)
-    return guider, noise
+    return guider, sigmas, noise
 
 
 def cond_areas(guider) -> dict:

@@ -29,7 +29,7 @@ import torch
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.regions import MaskShapeError, combine_regions, latent_mask, region_weights
 from ..cmlora_core.routing import Route, Routing, combine_copies
-from ..cmlora_core.steps import composite_weights, switch_turns
+from ..cmlora_core.steps import SwitchTurns, composite_weights
 from . import host
 from .cmlora_runtime import CMLoRARuntime
 from .loras import MappedLora
@@ -110,6 +110,10 @@ class SwitchRuntime(Runtime):
         if interval < 1:
             raise CMLoRAError(node, "switch_interval", "must be at least 1.", "set switch_interval to 1 or more.")
         self.interval = interval
+        # where the turns stood when a pass stopped with noise left (KSamplerAdvanced's end_at_step, SplitSigmas):
+        # [(sigma it stopped at, SwitchTurns.state)], shared by the clones of this model, so that the pass that
+        # continues from that noise level continues the turns as one run would
+        self._handoffs: list[tuple[float, tuple]] = []
         super().__init__(loras, node)
 
     def _reset(self) -> None:
@@ -118,7 +122,7 @@ class SwitchRuntime(Runtime):
         self._saved: dict = {}  # weight key -> the original parameter object
         self._buffers = host.FoldBuffers()  # the folded weights, reused by every refold of a run
         self._folded: int | None = None
-        self._turns: list[int | None] | None = None
+        self._turns: list[int | None] = []
 
     def row_factor(self) -> int:
         return 1
@@ -133,16 +137,20 @@ class SwitchRuntime(Runtime):
     def begin_run(self, model_patcher) -> None:
         self._route = self._must_route(model_patcher)
 
-    def turns(self, total: int) -> list[int | None]:
-        """The LoRA active at each step of a ``total``-step run (switch_turns over the LoRAs on at each
-        step), worked out once per run length."""
-        if self._turns is None or len(self._turns) != total:
-            every = [set(range(len(self.loras)))] * total
-            self._turns = switch_turns(self.on_sets(total) or every, self.interval, len(self.loras))
-        return self._turns
+    def placed(self, noise) -> None:
+        """The LoRA active at each step of the run (``SwitchTurns`` over the LoRAs on at each step),
+        continuing the turns of a pass that stopped where this one starts."""
+        first, last = self._sigmas[0], self._sigmas[-1]
+        state = next((st for at, st in self._handoffs if abs(at - first) <= 1e-5 * max(1.0, abs(at))), None)
+        turns = SwitchTurns(self.interval, len(self.loras), state)
+        every = set(range(len(self.loras)))
+        self._turns = [turns.take(on_s) for on_s in (self.on_sets() or [every] * len(noise))]
+        if last > 0:  # noise is left: a later pass may continue from here
+            self._handoffs[:] = [h for h in self._handoffs if abs(h[0] - last) > 1e-5 * max(1.0, last)][-7:]
+            self._handoffs.append((last, turns.state))
 
     def model_call(self, executor, call: ModelCall, step: int):
-        k = self.turns(self.trace.steps)[step]
+        k = self._turns[step]
         trace = self.trace
         trace.call_rows.append(call.rows)
         trace.active[step] = k
@@ -226,6 +234,15 @@ class RegionalRuntime(Runtime):
             w = region_weights(masks, size) if masks else torch.ones(1, *size)
             self._weights[key] = w.to(device)
         return self._weights[key]
+
+    def sampler_sample(self, executor, *args, **kwargs):
+        """Before the first model call: every mask checked against the run's latent (a mask of another
+        aspect ratio is refused here, not after a forward) and feathered onto it once."""
+        noise = host.sampler_sample_args(args, kwargs)[2]
+        if torch.is_tensor(noise) and noise.dim() >= 4:
+            for i in self.masked:
+                self.latent_mask(i, tuple(noise.shape[-2:]))
+        return super().sampler_sample(executor, *args, **kwargs)
 
     def latent_mask(self, i: int, size: tuple[int, int]) -> torch.Tensor:
         """LoRA ``i``'s mask feathered onto a latent of ``size`` (once per size)."""

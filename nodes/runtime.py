@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cmlora_core.errors import CMLoRAError
-from ..cmlora_core.stack import on_sets
-from ..cmlora_core.steps import StepClock, num_steps, step_index
+from ..cmlora_core.stack import strength_table
+from ..cmlora_core.steps import NoiseSteps, StepClock, num_steps, step_index
 from . import host
 from .loras import MappedLora
 from .routed import ModelCall, RoutedLoras
@@ -182,6 +182,10 @@ class Runtime:
 
     method = ""
     trace_type = RunTrace
+    # a method whose plan needs the whole run's steps (CMLoRA, CLoRA) refuses a pass that leaves noise for
+    # another; the others measure ranges on the noise level and carry on into the next pass
+    whole_runs_only = False
+    whole_run_fix = ""
 
     def __init__(self, loras: list[MappedLora], node: str):
         self.loras, self.node = loras, node  # node: the node that made this runtime, named in its errors
@@ -199,7 +203,10 @@ class Runtime:
         self.sampler_name = ""  # the sampler function of the run (e.g. "sample_euler")
         self._clock = StepClock()
         self._evaluation: tuple[float, int] | None = None  # (sigma, step) of the evaluation in progress
-        self._on_sets: list[set[int]] | None = None  # Runtime.on_sets, for the last run length
+        self._placed_for = None  # the sample_sigmas the run's steps were placed for (Runtime.place)
+        self.noise: NoiseSteps | None = None  # the run's steps on the noise level
+        self._strengths: list[tuple[float, ...]] | None = None  # each LoRA's strength per step (ranges, curves)
+        self._on_sets: list[set[int]] | None = None  # the LoRAs on per step (ranges, curves)
         self.latent_hw: tuple[int, int] | None = None  # the run's latent height and width
         self.cond_areas: dict = {}  # cond uuid -> its area (the crop the host feeds the model for it)
 
@@ -249,6 +256,7 @@ class Runtime:
         patcher = executor.class_obj.model_patcher
         self.base_model = patcher.model
         self.trace = self.trace_type()
+        self._placed_for = None
         self.begin_run(patcher)
         started = time.perf_counter()
         try:
@@ -279,7 +287,12 @@ class Runtime:
         """The sampler's run: its function decides how evaluations map to steps (``StepClock``)."""
         self.sampler_name = getattr(getattr(executor.class_obj, "sampler_function", None), "__name__", "")
         self._clock, self._evaluation = StepClock(self.sampler_name), None
-        guider, noise = host.sampler_sample_args(args, kwargs)
+        guider, sigmas, noise = host.sampler_sample_args(args, kwargs)
+        if self.whole_runs_only and torch.is_tensor(sigmas) and sigmas.numel() and float(sigmas[-1]) > 0:
+            raise CMLoRAError(self.node, "model", f"method '{self.method}' plans its schedule over one sampler run, "
+                              f"and this pass stops at noise level {float(sigmas[-1]):.3g} with noise left for another "
+                              "pass (KSamplerAdvanced's end_at_step with return_with_leftover_noise, or SplitSigmas), "
+                              "so it cannot know the steps that follow.", self.whole_run_fix)
         self.latent_hw = tuple(noise.shape[-2:]) if torch.is_tensor(noise) else None
         self.cond_areas = host.cond_areas(guider)
         return executor(*args, **kwargs)
@@ -312,24 +325,39 @@ class Runtime:
         self.trace.steps = num_steps(sigmas)
         self.trace.model_calls += 1
         host.throw_if_interrupted()
-        if self.scheduled:
-            self.routed.strengths = [ml.entry.strength_at(step, self.trace.steps) for ml in self.loras]
-            self.trace.strengths[step] = tuple(self.routed.strengths)
+        self.place(options["sample_sigmas"])
+        if self._strengths is not None:
+            self.routed.strengths = self._strengths[step]
+            self.trace.strengths[step] = self._strengths[step]
         return self.model_call(executor, call, step)
 
-    def on_sets(self, total: int) -> list[set[int]] | None:
-        """The LoRAs on at each step of a ``total``-step run (``stack.on_sets``: outside its step range,
-        or where its curve passes through 0, a LoRA is off), worked out once per run length; None when
-        no LoRA has a range or curve (all on throughout)."""
-        if not self.scheduled:
-            return None
-        if self._on_sets is None or len(self._on_sets) != total:
-            self._on_sets = on_sets([ml.entry for ml in self.loras], total)
-        return self._on_sets
+    def place(self, sample_sigmas) -> None:
+        """Once per run: its steps on the noise level (``NoiseSteps``, measured with the model's
+        ``percent_to_sigma``, as the host measures ControlNet's and the conds' ranges), each LoRA's
+        strength at each step and the LoRAs on there (``stack.strength_table``), then ``placed``."""
+        if self._placed_for is sample_sigmas:
+            return
+        self._placed_for = sample_sigmas
+        sampling = getattr(self.base_model, "model_sampling", None)
+        sigmas = self.run_sigmas(sample_sigmas)
+        self.noise = (NoiseSteps.of(sigmas, sampling.percent_to_sigma) if sampling is not None
+                      else NoiseSteps.even(num_steps(sigmas)))
+        if self.scheduled:
+            self._strengths = strength_table([ml.entry for ml in self.loras], self.noise)
+            self._on_sets = [{i for i, v in enumerate(row) if v != 0.0} for row in self._strengths]
+        self.placed(self.noise)
+
+    def placed(self, noise: NoiseSteps) -> None:
+        """After ``place``: method-specific per-run plans (none by default)."""
+
+    def on_sets(self) -> list[set[int]] | None:
+        """The LoRAs on at each step of the run (outside its range, or where its curve passes through 0,
+        a LoRA is off); None when no LoRA has a range or curve (all on throughout)."""
+        return self._on_sets if self.scheduled else None
 
     def on_at(self, step: int) -> list[int]:
         """The LoRAs on at ``step``, in stack order."""
-        sets = self.on_sets(self.trace.steps)
+        sets = self.on_sets()
         return list(range(len(self.loras))) if sets is None else sorted(sets[step])
 
     def model_call(self, executor, call: ModelCall, step: int) -> torch.Tensor:
@@ -365,7 +393,7 @@ class Runtime:
         for i, ml in enumerate(self.loras):
             if not ml.entry.scheduled:
                 continue
-            on = [s for s in sorted(trace.strengths) if s in ml.entry.steps_on(trace.steps)]
+            on = [s for s in sorted(trace.strengths) if trace.strengths[s][i] != 0.0]
             if not on:
                 parts.append(f"'{ml.entry.name}' on no step of this run ({ml.entry.describe_schedule()}; "
                              "widen its range or add steps)")

@@ -31,7 +31,7 @@ def make_entry(name, strength_model, strength_clip, enabled, category, concept, 
         raise CMLoRAError(node, "strength_curve", f"unknown curve {strength_curve!r}.", f"choose one of {', '.join(CURVES)}.")
     if not start_at < end_at:
         raise CMLoRAError(node, "end_at", f"end_at {end_at:g} is not after start_at {start_at:g}, so the LoRA would "
-                          "be on no step.", "set end_at above start_at (0.5 and 1.0: the second half of the steps).")
+                          "be on no step.", "set end_at above start_at (0.5 and 1.0: the second half of the sampling).")
     region = None if mask is None else region_mask(mask, node)
     lf = load_lora_file(name, node, input)
     return LoraEntry(name=name, path=lf.info.path, strength_model=float(strength_model),
@@ -82,18 +82,21 @@ class LoraStackNode(io.ComfyNode):
                                 tooltip="Trigger words; left empty, they are read from the file's training metadata.", **host.ADVANCED),
                 Stack.Input("stack", optional=True, tooltip="The stack to append to (leave empty to start one)."),
                 io.Float.Input("start_at", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
-                               tooltip="The fraction of the sampling steps before the LoRA turns on (0: from the "
-                                       "first step). Every method honours it.", **host.ADVANCED),
+                               tooltip="Where on the noise level the LoRA turns on, from pure noise (0) to the "
+                                       "clean image (1): the measure of ControlNet's start_percent (0: from the first "
+                                       "step). On the normal scheduler about the fraction of the steps; a run split "
+                                       "into KSamplerAdvanced passes keeps it. Every method honours it.", **host.ADVANCED),
                 io.Float.Input("end_at", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
-                               tooltip="The fraction of the steps after which the LoRA turns off (0.5: first half "
-                                       "only, e.g. for turbo or composition LoRAs; 1: to the end).", **host.ADVANCED),
+                               tooltip="Where on the noise level the LoRA turns off, as ControlNet's end_percent (0.5: "
+                                       "the first half, e.g. for turbo or composition LoRAs; 1: to the end).",
+                               **host.ADVANCED),
                 io.Combo.Input("strength_curve", options=list(CURVES), default="constant", optional=True,
                                tooltip="How strength_model changes while the LoRA is on: constant, or a linear or "
-                                       "smooth ramp from strength_model on its first step to strength_model_end "
-                                       "on its last.", **host.ADVANCED),
+                                       "smooth ramp from strength_model at start_at to strength_model_end at end_at.",
+                               **host.ADVANCED),
                 io.Float.Input("strength_model_end", default=0.0, min=-STRENGTH, max=STRENGTH, step=0.01,
-                               optional=True, tooltip="The model strength on the LoRA's last step, for the "
-                                                      "linear and smooth curves.", **host.ADVANCED),
+                               optional=True, tooltip="The model strength at end_at, for the linear and smooth "
+                                                      "curves.", **host.ADVANCED),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Confines this LoRA to the white part of the mask (method 'regions' of CMLoRA "
                                       "Apply / Sampler). Outside every mask: the LoRAs without a mask, or the base "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from cmlora_core.errors import CMLoRAError
 from cmlora_core.lora_file import FileCache, classify, guess_base, trigger_from_metadata
 from cmlora_core.routing import DenseDelta, LowRankDelta, RoutedLayer, Routing, combine_copies, repeat_rows
-from cmlora_core.steps import active_range, composite_weights, curve_strength, step_index, switch_active, switch_turns
+from cmlora_core.steps import (NoiseSteps, SwitchTurns, composite_weights, curve_strength, step_index, switch_active,
+                               switch_turns)
 from cmlora_core.stack import LoraEntry, LoraStack, require_model_entries
 
 
@@ -313,57 +315,97 @@ def test_user_masks_fit_the_latent_and_combine_with_the_found_ones():
         combine_user_masks(found, mine, "both")
 
 
-# ------------------------------------------------------------------ per-LoRA step ranges and curves
-@pytest.mark.parametrize("start,end,total,expected", [
-    (0.0, 1.0, 5, [0, 1, 2, 3, 4]),
-    (0.0, 0.5, 10, [0, 1, 2, 3, 4]),   # half of an even run: exactly half the steps
-    (0.5, 1.0, 10, [5, 6, 7, 8, 9]),
-    (0.0, 0.5, 7, [0, 1, 2]),          # step 3's middle (3.5/7) is at 0.5: it belongs to the second half
-    (0.5, 1.0, 7, [3, 4, 5, 6]),
-    (0.25, 0.75, 4, [1, 2]),
-    (0.9, 0.95, 4, []),                # narrower than a step: on no step
+# ------------------------------------------------------------------ per-LoRA ranges and curves, on the noise level
+def _sd_schedule():
+    """An SD1.5 schedule built here with numpy as the papers define it: scaled-linear betas, sigma(t) =
+    sqrt((1 - abar_t) / abar_t) for t = 0..999, interpolated in log sigma; percent p -> t = (1 - p) * 999."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    abar = np.cumprod(1 - betas)
+    log_sigmas = np.log(np.sqrt((1 - abar) / abar))
+
+    def sigma(t):
+        return float(np.exp(np.interp(t, np.arange(1000), log_sigmas)))
+
+    def percent_to_sigma(p):
+        return 1e9 if p <= 0 else 0.0 if p >= 1 else sigma((1 - p) * 999)
+
+    return sigma, percent_to_sigma
+
+
+def _normal(total):
+    """ComfyUI's 'normal' scheduler by hand: timesteps evenly from 999 to 0, then 0 (step i at p = i/(total-1))."""
+    sigma, _ = _sd_schedule()
+    return [sigma(t) for t in np.linspace(999, 0, total)] + [0.0]
+
+
+@pytest.mark.parametrize("start,end,total", [
+    (0.0, 1.0, 5), (0.0, 0.5, 20), (0.5, 1.0, 20), (0.0, 0.5, 21), (0.5, 1.0, 21), (0.25, 0.75, 9), (0.9, 0.95, 4),
 ])
-def test_active_range_takes_the_steps_whose_middle_lies_in_the_range(start, end, total, expected):
-    assert list(active_range(start, end, total)) == expected
-    # the middles of exactly those steps lie in [start, end)
-    assert [i for i in range(total) if start <= (i + 0.5) / total < end] == expected
+def test_a_range_holds_the_steps_whose_noise_level_lies_in_it(start, end, total):
+    _, percent_to_sigma = _sd_schedule()
+    steps = NoiseSteps.of(_normal(total), percent_to_sigma)
+    # on the normal scheduler step i starts at place i / (total - 1); a step at a boundary belongs to the
+    # range that starts there, and a range ending at 1 reaches the last step
+    expected = [i for i in range(total) if start - 1e-9 <= i / (total - 1) and (i / (total - 1) < end - 1e-9 or end == 1)]
+    assert steps.steps_on(start, end) == expected
+    assert [steps.position(i) for i in expected] == pytest.approx([i / (total - 1) for i in expected], abs=1e-6)
+    if (start, end, total) == (0.0, 0.5, 20):
+        assert expected == list(range(10))  # half of an even normal schedule: exactly half the steps
 
 
-def test_ranges_split_at_one_point_cover_every_step_once():
+def test_a_run_split_in_two_passes_places_its_steps_as_one_run():
+    _, percent_to_sigma = _sd_schedule()
+    whole = _normal(20)
+    one = NoiseSteps.of(whole, percent_to_sigma)
+    for cut in (3, 10, 17):
+        first, second = NoiseSteps.of(whole[:cut + 1], percent_to_sigma), NoiseSteps.of(whole[cut:], percent_to_sigma)
+        for start, end in ((0.0, 0.5), (0.5, 1.0), (0.2, 0.7), (0.0, 1.0)):
+            assert first.steps_on(start, end) + [cut + i for i in second.steps_on(start, end)] == one.steps_on(start, end)
+        ramp = LoraEntry("a", "/a", strength_model=1.0, start=0.1, end=0.9, curve="smooth", strength_end=0.0)
+        split = [ramp.strength_at(i, first) for i in range(cut)] + [ramp.strength_at(i, second) for i in range(20 - cut)]
+        assert split == pytest.approx([ramp.strength_at(i, one) for i in range(20)], abs=1e-9)
+
+
+def test_even_steps_are_the_previews_schedule():
+    steps = NoiseSteps.even(10)
+    assert steps.steps_on(0.0, 0.5) == [0, 1, 2, 3, 4] and steps.steps_on(0.5, 1.0) == [5, 6, 7, 8, 9]
+    assert steps.steps_on(0.91, 0.99) == [] and steps.steps_on(0.9, 0.95) == [9]  # no step starts in the first
     for total in range(1, 30):
         for cut in (0.1, 1 / 3, 0.5, 0.77):
-            assert list(active_range(0, cut, total)) + list(active_range(cut, 1, total)) == list(range(total))
+            even = NoiseSteps.even(total)
+            assert even.steps_on(0, cut) + even.steps_on(cut, 1) == list(range(total))
 
 
 def test_curve_strength_formulas():
-    steps = range(2, 7)  # five steps on
-    assert [curve_strength(1.0, 0.0, "constant", i, steps) for i in range(8)] == [0, 0, 1, 1, 1, 1, 1, 0]
-    linear = [curve_strength(1.0, 0.2, "linear", i, steps) for i in range(8)]
-    assert linear[:2] == [0, 0] and linear[7] == 0
-    assert linear[2:7] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
-    smooth = [curve_strength(1.0, 0.2, "smooth", i, steps) for i in steps]
+    # a ramp from strength at the range's start to strength_end at its end, by place on the noise level
+    assert curve_strength(1.0, 0.0, "constant", 0.7, 0.2, 0.8) == 1.0
+    assert [curve_strength(1.0, 0.2, "linear", p, 0.2, 0.7) for p in (0.2, 0.325, 0.45, 0.7)] == pytest.approx(
+        [1.0, 0.8, 0.6, 0.2])
+    smooth = [curve_strength(1.0, 0.2, "smooth", 0.2 + 0.5 * k / 4, 0.2, 0.7) for k in range(5)]
     assert smooth == pytest.approx([1.0 - 0.8 * (0.5 - 0.5 * math.cos(math.pi * k / 4)) for k in range(5)])
-    assert smooth[2] == pytest.approx(0.6) and smooth[1] > linear[3]  # eases: slower at the ends
-    assert curve_strength(0.7, 0.0, "linear", 3, range(3, 4)) == 0.7  # one step: the start strength
+    assert smooth[2] == pytest.approx(0.6) and smooth[1] > 0.8  # eases: slower at the ends
     with pytest.raises(ValueError):
-        curve_strength(1.0, 0.0, "zigzag", 3, steps)
+        curve_strength(1.0, 0.0, "zigzag", 0.3, 0.0, 1.0)
 
 
 def test_entry_strength_at_and_its_checks():
     plain = LoraEntry("a", "/a", strength_model=0.8)
-    assert not plain.scheduled and [plain.strength_at(i, 4) for i in range(4)] == [0.8] * 4
+    four = NoiseSteps.even(4)  # steps at places 0, 0.25, 0.5, 0.75
+    assert not plain.scheduled and [plain.strength_at(i, four) for i in range(4)] == [0.8] * 4
     ranged = LoraEntry("a", "/a", strength_model=0.8, end=0.5, curve="linear", strength_end=0.4)
-    assert ranged.scheduled and [ranged.strength_at(i, 4) for i in range(4)] == pytest.approx([0.8, 0.4, 0, 0])
-    assert ranged.describe_schedule() == "steps 0%-50%, strength 0.8 -> 0.4 (linear)"
+    assert ranged.scheduled and [ranged.strength_at(i, four) for i in range(4)] == pytest.approx([0.8, 0.6, 0, 0])
+    assert ranged.describe_schedule() == "noise 0%-50%, strength 0.8 -> 0.4 (linear)"
     for bad in (dict(start=0.5, end=0.5), dict(start=-0.1), dict(end=1.5), dict(curve="zigzag")):
         with pytest.raises(ValueError):
             LoraEntry("a", "/a", **bad)
 
 
-
 def test_a_fade_in_from_strength_zero_is_active():
     fade_in = LoraEntry("a", "/a", strength_model=0.0, curve="linear", strength_end=1.0)
-    assert fade_in.active_model and [fade_in.strength_at(i, 5) for i in range(5)] == pytest.approx([0, .25, .5, .75, 1])
+    _, percent_to_sigma = _sd_schedule()
+    five = NoiseSteps.of(_normal(5), percent_to_sigma)  # places 0, .25, .5, .75, 1
+    assert fade_in.active_model and [fade_in.strength_at(i, five) for i in range(5)] == pytest.approx(
+        [0, .25, .5, .75, 1], abs=1e-6)
     assert LoraStack((fade_in,)).model_entries() == (fade_in,)
     # off on every step: a constant 0, a curve from 0 to 0, or disabled
     for off in (LoraEntry("a", "/a", strength_model=0.0), LoraEntry("a", "/a", strength_model=0.0, curve="smooth"),
@@ -389,3 +431,16 @@ def test_switch_turns_give_each_lora_that_is_on_its_turns():
     assert switch_turns(_on(6, (0, 2), (4, 6)), 2, 2) == [A, A, None, None, B, B]
     with pytest.raises(ValueError):
         switch_turns(_on(3, (0, 3)), 0, 1)
+
+
+def test_switch_turns_carry_on_in_a_pass_that_continues_another():
+    A, B, C = 0, 1, 2
+    one_run = [A, A, A, B, B, B, C, C, C, A]  # three LoRAs, interval 3, ten steps (by hand)
+    for cut in (1, 4, 5, 9):
+        first = SwitchTurns(3, 3)
+        head = [first.take({A, B, C}) for _ in range(cut)]
+        second = SwitchTurns(3, 3, first.state)
+        assert head + [second.take({A, B, C}) for _ in range(10 - cut)] == one_run
+    # a second pass that does not continue starts over
+    fresh = SwitchTurns(3, 3)
+    assert [fresh.take({A, B, C}) for _ in range(5)] == one_run[:5]

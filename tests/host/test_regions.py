@@ -79,16 +79,19 @@ def test_a_masked_lora_off_at_a_step_leaves_its_region_to_the_rest(sd15, conds):
 
 
 def test_a_mask_of_another_shape_is_refused(sd15, conds):
-    """A square mask on a 64x96 image would be stretched: refused naming the stack's mask input."""
+    """A square mask on a 64x96 image would be stretched: refused naming the stack's mask input, before
+    the model is called at all."""
     model = sd15[0]
     before = ksample(model, conds, steps=1)
-    patched = apply(model, stack({"lora_name": A, "mask": left_half()}, (B, 0.8)), "regions")
+    rec = Recorder()
+    patched = apply(rec.attach(model), stack({"lora_name": A, "mask": left_half()}, (B, 0.8)), "regions")
     pos, neg = conds
     lat = torch.zeros(1, 4, 12, 8)
     with pytest.raises(CMLoRAError) as e:
         comfy.sample.sample(patched, comfy.sample.prepare_noise(lat, 1), 2, 5.0, "euler", "normal", pos, neg, lat,
                             seed=1, disable_pbar=True)
     assert "CMLoRA LoRA Stack" in str(e.value) and "'mask'" in str(e.value) and "64x64" in str(e.value)
+    assert rec.calls == []  # refused when sampling starts, before any forward
     assert torch.equal(ksample(model, conds, steps=1), before)  # the failed run left the model as it was
 
 

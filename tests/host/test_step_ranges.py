@@ -1,15 +1,21 @@
-"""Per-LoRA step ranges and strength curves, on the real host: every method against the run rebuilt
-step by step from the host's own LoraLoader (a LoRA on its steps, the base model off them)."""
+"""Per-LoRA ranges and strength curves, on the real host: every method against the run rebuilt
+step by step from the host's own LoraLoader (a LoRA on its steps, the base model off them).
+
+Ranges are measured on the noise level, as the host's ControlNet start/end percent are: with the
+normal scheduler of these tests, step i of an N-step run starts at place i / (N - 1)."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
+import nodes as host_nodes
 from _util import apply, ksample, lora_loader, once, stack, stepwise_reference
 
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
-from comfyui_cmlora.cmlora_core.steps import active_range, curve_strength
 from comfyui_cmlora.nodes.apply_nodes import ApplyNode
+from comfyui_cmlora.nodes.clora_nodes import AttentionMasker
 from comfyui_cmlora.nodes.cmlora_nodes import SchedulerNode
 from comfyui_cmlora.nodes.runtime import runtime_of
 
@@ -53,10 +59,11 @@ def test_strength_curve_equals_lora_loader_at_each_steps_strength(sd15, conds, m
     model = sd15[0]
     st = stack(entry(A, 1.2, strength_curve=curve, strength_model_end=0.2, start_at=1 / 6))
     ours = ksample(patched(model, st, method), conds, steps=STEPS)
-    steps = active_range(1 / 6, 1.0, STEPS)
-    assert list(steps) == [1, 2, 3, 4, 5]
-    strengths = [curve_strength(1.2, 0.2, curve, i, steps) for i in range(STEPS)]
-    assert strengths[0] == 0.0 and strengths[1] == 1.2 and abs(strengths[5] - 0.2) < 1e-9
+    # by hand: the normal scheduler starts step i at place p = i / 5 on the noise level; the range [1/6, 1)
+    # holds steps 1-5, and the curve runs from 1.2 at p = 1/6 to 0.2 at p = 1
+    ease = (lambda t: t) if curve == "linear" else (lambda t: 0.5 - 0.5 * math.cos(math.pi * t))
+    strengths = [0.0] + [1.2 - 1.0 * ease((i / 5 - 1 / 6) / (5 / 6)) for i in range(1, STEPS)]
+    assert abs(strengths[5] - 0.2) < 1e-9
     models = [model if s == 0.0 else lora_loader(model, (A, s)) for s in strengths]
     # the references, computed once for the three methods
     expected = once(("curve", curve, A, 1.2, 0.2), lambda: stepwise_reference(models, conds, "euler", STEPS))
@@ -144,3 +151,64 @@ def test_a_range_with_no_step_is_reported_and_bad_ranges_are_refused(sd15, conds
     with pytest.raises(CMLoRAError) as e:
         stack(entry(A, strength_curve="zigzag"))
     assert "strength_curve" in str(e.value)
+
+
+def _advanced(model, conds, steps, start, end, leftover, latent_in=None):
+    """One KSamplerAdvanced pass, as the node runs it (seed 5, euler, normal)."""
+    pos, neg = conds
+    lat = latent_in if latent_in is not None else {"samples": torch.zeros(1, 4, 8, 8)}
+    return host_nodes.KSamplerAdvanced().sample(
+        model, "enable" if latent_in is None else "disable", 5, steps, 5.0, "euler", "normal", pos, neg, lat,
+        start_at_step=start, end_at_step=end, return_with_leftover_noise="enable" if leftover else "disable")[0]
+
+
+def _one_and_two_passes(model, conds, steps=8, cut=3):
+    one = _advanced(model, conds, steps, 0, 10000, False)["samples"]
+    first = _advanced(model, conds, steps, 0, cut, True)
+    two = _advanced(model, conds, steps, cut, 10000, False, latent_in=first)["samples"]
+    return one, two
+
+
+def _masked_left():
+    m = torch.zeros(1, 64, 64)
+    m[..., :32] = 1.0
+    return m
+
+
+@pytest.mark.parametrize("method", ["merge", "composite", "switch", "regions"])
+def test_two_ksampler_advanced_passes_equal_one_run(sd15, conds, method):
+    """A refiner-style split (steps 0-2 with the noise left, then 3-7) samples what one run does: ranges
+    and curves are measured on the noise level and switch's turns carry on into the second pass. The
+    cut falls inside A's range and inside a switch turn, so counting steps per pass would differ."""
+    model = sd15[0]
+    plain_one, plain_two = once(("plain split", 8, 3), lambda: _one_and_two_passes(model, conds))
+    own = (plain_one - plain_two).abs().max().item()  # the host's own difference between the two ways
+    first = {"lora_name": A, "strength_model": 1.0, "end_at": 0.6}
+    if method == "regions":
+        first.update(mask=_masked_left(), mask_feather=0)
+    st = stack(first, entry(B, 0.9, start_at=0.2, strength_curve="linear", strength_model_end=0.3))
+    ours_one, ours_two = _one_and_two_passes(patched(model, st, method, interval=2), conds)
+    assert (ours_one - ours_two).abs().max().item() <= own + 1e-4, ((ours_one - ours_two).abs().max(), own)
+    assert not torch.allclose(ours_one, plain_one, atol=1e-3)  # the LoRAs did act
+
+
+@pytest.mark.parametrize("method", ["cmlora", "clora"])
+def test_cmlora_and_clora_refuse_a_pass_that_leaves_noise_for_another(sd15, conds, method):
+    """Their schedules (dominant turns, cache refreshes, latent updates) are planned over one run's steps,
+    which a pass that stops with noise left cannot know: a clear error, and the model as it was."""
+    model, clip, _ = sd15
+    if method == "cmlora":
+        p, run_conds = patched(model, stack(entry(A), entry(B, 0.8)), "cmlora"), conds
+    else:
+        st = stack({"lora_name": A, "category": "character", "concept": "cat"},
+                   {"lora_name": B, "category": "object", "concept": "dog"})
+        p, positive = AttentionMasker.execute(
+            model=model, clip=clip, stack=st, prompt="a cat and a dog", temperature=0.5, step_size=0.0,
+            stop_fraction=0.5, extra_iterations=0, mask_threshold=0.4, attention="conditional",
+            style_scope="global").args
+        run_conds = (positive, conds[1])
+    before = once(("base advanced", 8), lambda: _advanced(model, conds, 8, 0, 10000, False)["samples"])
+    with pytest.raises(CMLoRAError) as e:
+        _advanced(p, run_conds, 8, 0, 3, True)
+    assert "noise left" in str(e.value) and "one sampler run" in str(e.value)
+    assert torch.allclose(_advanced(model, conds, 8, 0, 10000, False)["samples"], before, atol=1e-6)
