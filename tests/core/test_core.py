@@ -353,6 +353,17 @@ def test_a_range_holds_the_steps_whose_noise_level_lies_in_it(start, end, total)
         assert expected == list(range(10))  # half of an even normal schedule: exactly half the steps
 
 
+def test_on_karras_a_range_of_half_the_noise_holds_fewer_steps():
+    """Karras's schedule (rho 7, by hand) spends its steps at low noise: on SD1.5, of 20 steps the first
+    half of the noise level holds 9 — the steps whose noise level is at or above the level at place 0.5."""
+    sigma, percent_to_sigma = _sd_schedule()
+    top, bottom = sigma(999) ** (1 / 7), sigma(0) ** (1 / 7)
+    karras = [(top + i / 19 * (bottom - top)) ** 7 for i in range(20)] + [0.0]
+    half = sigma(999 * 0.5)
+    expected = [i for i in range(20) if karras[i] >= half * (1 - 1e-9)]
+    assert len(expected) == 9 and NoiseSteps.of(karras, percent_to_sigma).steps_on(0.0, 0.5) == expected
+
+
 def test_a_run_split_in_two_passes_places_its_steps_as_one_run():
     _, percent_to_sigma = _sd_schedule()
     whole = _normal(20)
@@ -361,6 +372,8 @@ def test_a_run_split_in_two_passes_places_its_steps_as_one_run():
         first, second = NoiseSteps.of(whole[:cut + 1], percent_to_sigma), NoiseSteps.of(whole[cut:], percent_to_sigma)
         for start, end in ((0.0, 0.5), (0.5, 1.0), (0.2, 0.7), (0.0, 1.0)):
             assert first.steps_on(start, end) + [cut + i for i in second.steps_on(start, end)] == one.steps_on(start, end)
+        if cut == 10:  # the second pass is what KSampler runs at denoise 0.5: the first half holds none of it
+            assert second.steps_on(0.0, 0.5) == []
         ramp = LoraEntry("a", "/a", strength_model=1.0, start=0.1, end=0.9, curve="smooth", strength_end=0.0)
         split = [ramp.strength_at(i, first) for i in range(cut)] + [ramp.strength_at(i, second) for i in range(20 - cut)]
         assert split == pytest.approx([ramp.strength_at(i, one) for i in range(20)], abs=1e-9)
