@@ -181,7 +181,11 @@ class NoiseSteps:
             for _ in range(48):
                 mid = 0.5 * (lo + hi)
                 lo, hi = (mid, hi) if self.sigma_at(mid) > sigma else (lo, mid)
-            self._positions[step] = 0.5 * (lo + hi)
+            # to 6 decimals (a thousandth of a timestep): the host's schedules pass through float32, so the
+            # last step lies a hair off place 1 (1 - 1.5e-10 on ComfyUI 0.33), and a step at a range's end
+            # must get strength_end exactly (a curve to 0 turns the LoRA off there). Ranges are decided on
+            # sigma, not on these places.
+            self._positions[step] = round(0.5 * (lo + hi), 6)
         return self._positions[step]
 
 
