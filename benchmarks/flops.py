@@ -183,7 +183,8 @@ def expected_passes(case: Case, steps: int, calls_per_step: int, switched_at: in
         out["lora_rows"] = rows * case.n * calls  # every LoRA evaluated on every row of every call
     elif case.method == "clora":
         out["rows_per_call"] = 2 * (case.n + 1)  # base prompt + one branch per subject, cond and uncond
-        out["loss_passes"] = sum(update_plan(steps).values()) if case.n >= 2 and case.updates else 0
+        out["loss_passes"] = sum(update_plan(steps, extra_iterations=case.extra_iterations).values()) \
+            if case.n >= 2 and case.updates else 0
     else:
         planner = Planner(cmlora_schedule(case), steps)
         full = shallow = 0

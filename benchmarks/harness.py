@@ -115,6 +115,7 @@ class Case:
     cache: str = "deep"  # cmlora cache
     dominant_full: bool = True
     updates: bool = True  # clora: contrastive latent updates (False: masks only)
+    extra_iterations: int = 20  # clora: the paper's extra updates at the early steps (the tests use fewer)
 
     @property
     def label(self) -> str:
@@ -273,7 +274,8 @@ def patched_model(case: Case, model_patcher, loras: list, arch_key: str):
         branches = Branches(contexts=contexts, concept_tokens=concept_positions(case.n),
                             subject_loras=list(range(case.n)), style_loras=[],
                             concept_names=[ml.entry.concept for ml in loras])
-        settings = CLoRASettings() if case.updates else CLoRASettings(step_size=0.0)
+        settings = CLoRASettings(extra_iterations=case.extra_iterations) if case.updates \
+            else CLoRASettings(step_size=0.0)
         return attach_clora(model_patcher, loras, branches, settings), pos, neg
     pos, neg, _ = conditioning(arch_key)
     if case.method == "composite-seq":

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 log = logging.getLogger("cmlora.fixtures")
 
-FIXTURE_VERSION = "6"
+FIXTURE_VERSION = "7"
 CHECKPOINT = "cmlora_tiny_sd15.safetensors"
 SDXL_UNET = "cmlora_tiny_sdxl_unet.safetensors"
 SD15_FP8_UNET = "cmlora_tiny_sd15_unet_scaled_fp8.safetensors"
@@ -82,14 +82,39 @@ def _init_(module: torch.nn.Module, seed: int) -> None:
                 b.copy_(torch.arange(b.shape[-1]).expand_as(b))
 
 
+# The SD1.5 fixture's narrow twin: the same model class, blocks and text width at a fifth of the
+# channels. No host detects SD1.5 at this width, so it is never written as a checkpoint: the tests
+# that compare the pack's sampling with the host's LoraLoader build it in-process
+# (``sd15_narrow_patcher``) and load LoRA files written for its widths (``test_<format>_narrow``).
+# The tests of the loader path (detection, released key names, ControlNet, inpainting checkpoints)
+# and the browser runs keep the checkpoint.
+SD15_NARROW = {"model_channels": 64}
+
+
+def _sd15_unet(seed: int = 0, in_channels: int = 4, narrow: bool = False, device="cpu"):
+    """The host's SD1.5 model of the fixture's layout (or its narrow twin's), random weights."""
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15({**SD15_UNET, "in_channels": in_channels, **(SD15_NARROW if narrow else {})})
+    model = config.get_model({}, device=device)
+    if device != "meta":
+        _init_(model.diffusion_model, seed)
+    return model
+
+
+def sd15_narrow_patcher():
+    """The narrow twin as the host wraps a loaded model (a ModelPatcher on the CPU, float32)."""
+    import comfy.model_patcher
+
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(_sd15_unet(narrow=True), load_device=cpu, offload_device=cpu)
+
+
 def _sd15_parts(seed: int = 0, in_channels: int = 4):
     import comfy.sd1_clip
-    import comfy.supported_models
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    config = comfy.supported_models.SD15({**SD15_UNET, "in_channels": in_channels})
-    model = config.get_model({}, device="cpu")
-    _init_(model.diffusion_model, seed)
+    model = _sd15_unet(seed, in_channels)
     clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
     _init_(clip, seed + 1)
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
@@ -380,11 +405,14 @@ DEMO_LORAS = [
 ]
 
 
-def sd15_key_maps():
-    """The SD1.5 fixture's model/clip state dicts and the host's LoRA key maps."""
+def sd15_key_maps(narrow: bool = False):
+    """The SD1.5 fixture's (or its narrow twin's) model/clip state dicts and the host's LoRA key maps."""
     import comfy.lora
 
-    model, clip, _ = _sd15_parts()
+    import comfy.sd1_clip
+
+    model = _sd15_unet(narrow=narrow, device="meta")  # shapes and names only: no weights are made
+    clip = comfy.sd1_clip.SD1ClipModel(device="meta", dtype=torch.float32)
     unet_map = comfy.lora.model_lora_keys_unet(model, {})
     clip_map = comfy.lora.model_lora_keys_clip(clip, {})
     unet_sd = {k: v for k, v in model.state_dict().items()}
@@ -392,9 +420,9 @@ def sd15_key_maps():
     return unet_sd, unet_map, clip_sd, clip_map
 
 
-def _sd15_lora_context():
+def _sd15_lora_context(narrow: bool = False):
     """(unet state dict, clip state dict, both merged, the host's merged key map)."""
-    unet_sd, unet_map, clip_sd, clip_map = sd15_key_maps()
+    unet_sd, unet_map, clip_sd, clip_map = sd15_key_maps(narrow)
     return unet_sd, clip_sd, {**unet_sd, **clip_sd}, {**unet_map, **clip_map}
 
 
@@ -421,12 +449,13 @@ def ensure_test_loras(models_dir: Path) -> None:
     stamp = models_dir / ".cmlora_test_loras_version"
     if stamp.exists() and stamp.read_text().strip() == FIXTURE_VERSION:
         return
-    unet_sd, clip_sd, full_sd, key_map = _sd15_lora_context()
-    for i, fmt in enumerate(TEST_FORMATS):
-        te = _targets(clip_sd, False, only="layers.1.") if fmt in ("kohya", "peft") else []
-        write_lora(lora_dir / f"test_{fmt}.safetensors", full_sd, key_map, fmt=fmt, seed=100 + i,
-                   targets=_targets(unet_sd, include_conv=fmt != "kohya" and fmt != "peft") + te,
-                   trigger=f"trg{fmt}")
+    for narrow, suffix in ((False, ""), (True, "_narrow")):
+        unet_sd, clip_sd, full_sd, key_map = _sd15_lora_context(narrow)
+        for i, fmt in enumerate(TEST_FORMATS):
+            te = _targets(clip_sd, False, only="layers.1.") if fmt in ("kohya", "peft") else []
+            write_lora(lora_dir / f"test_{fmt}{suffix}.safetensors", full_sd, key_map, fmt=fmt, seed=100 + i,
+                       targets=_targets(unet_sd, include_conv=fmt != "kohya" and fmt != "peft") + te,
+                       trigger=f"trg{fmt}")
     # an SDXL LoRA (named by the host's SDXL key map) to try on the SD1.5 model
     import comfy.lora
 

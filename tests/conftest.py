@@ -48,6 +48,20 @@ def sd15(models_dir):
 
 
 @pytest.fixture(scope="session")
+def sd15_narrow(sd15):
+    """(model, clip, vae): the SD1.5 fixture's narrow twin, built in-process from the host's SD1.5
+    model class at a fifth of the checkpoint's channels (no host detects SD1.5 at that width, so
+    it has no file), with the checkpoint's text encoder and VAE. The tests that compare the pack's
+    sampling with the host's LoraLoader run on it, with the ``test_<format>_narrow`` LoRA files;
+    the loader-path tests (detection, ControlNet, inpainting checkpoints, the browser runs) keep
+    the checkpoint."""
+    import make_fixtures as fx
+
+    _, clip, vae = sd15
+    return fx.sd15_narrow_patcher(), clip, vae
+
+
+@pytest.fixture(scope="session")
 def sdxl(models_dir):
     """The generated SDXL-family diffusion model, through the host's UNETLoader (its detection)."""
     import make_fixtures as fx

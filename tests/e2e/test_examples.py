@@ -31,6 +31,9 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 DEMO_SIZE = 64  # pixels: the demo examples' image size
 DEMO_CLORA_STEPS, DEMO_CLORA_EXTRA_ITERATIONS = 6, 3  # the CLoRA demo's
+DEMO_CMLORA_STEPS = 8  # the real-use CMLoRA example's profiler, scheduler preview and sampler steps on the demo files
+# where each of those nodes saves its steps in widgets_values
+STEPS_WIDGET = {"CMLoRA_Profiler": 1, "CMLoRA_FrequencyScheduler": 9, "CMLoRA_Sampler": 4}
 OUTPUT_NODES = {"SaveImage", "PreviewImage", "MaskPreview", "CMLoRA_CompareMethods"}
 
 
@@ -57,7 +60,9 @@ def with_demo_files(workflow: dict) -> dict:
     demo's 64-pixel image (the demo checkpoint has SD1.5's full-size UNet: 512 pixels took over ten
     minutes on two CPU cores); with CLoRA also the demo's steps and extra iterations (its latent updates
     differentiate through the full-size UNet: the example's 30 steps and 20 extra iterations ran at
-    minutes per step here). Every other node, link and value as saved. The SDXL example's graph thus
+    minutes per step here); with the CMLoRA Sampler the steps of its profiler, scheduler preview and
+    sampler cut from 20 to DEMO_CMLORA_STEPS (the profiler samples every LoRA over all of them).
+    Every other node, link and value as saved. The SDXL example's graph thus
     runs on an SD1.5 model: the fixtures make no full SDXL checkpoint (both text encoders at full size),
     and CLoRA on an SDXL UNet is tested in tests/host/test_interop.py."""
     import build_workflows
@@ -77,6 +82,12 @@ def with_demo_files(workflow: dict) -> dict:
         for node in workflow["nodes"]:
             if node["type"] == "KSampler":
                 node["widgets_values"][2] = DEMO_CLORA_STEPS
+    if any(n["type"] == "CMLoRA_Sampler" for n in workflow["nodes"]):
+        for node in workflow["nodes"]:
+            if node["type"] in STEPS_WIDGET:
+                at = STEPS_WIDGET[node["type"]]
+                assert node["widgets_values"][at] == 20, (node["type"], node["widgets_values"])  # the saved steps
+                node["widgets_values"][at] = DEMO_CMLORA_STEPS
     return workflow
 
 
@@ -243,7 +254,7 @@ def check_real_use_run(server, workflow: dict, entry: dict) -> None:
     types = {n["type"] for n in workflow["nodes"]}
     if "CMLoRA_Sampler" in types:  # SD1.5: profiler, scheduler, CMLoRA Sampler
         reports = [t for t in output_texts(entry) if t.startswith("method ")]
-        assert reports and reports[0].startswith("method cmlora, 3 LoRAs, 20 steps"), reports
+        assert reports and reports[0].startswith(f"method cmlora, 3 LoRAs, {DEMO_CMLORA_STEPS} steps"), reports
         assert len(output_images(entry, "temp")) == 1  # the schedule timeline preview
     else:  # SDXL: CLoRA with two subjects; the overlay and one mask per subject
         assert "CLoRA_AttentionMasker" in types

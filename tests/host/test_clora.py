@@ -11,7 +11,7 @@ from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.clora_nodes import AttentionMasker, MaskOutput
 from comfyui_cmlora.nodes.runtime import runtime_of
 
-CAT, DOG, STYLE = "test_kohya.safetensors", "test_peft.safetensors", "test_locon.safetensors"
+CAT, DOG, STYLE = "test_kohya_narrow.safetensors", "test_peft_narrow.safetensors", "test_locon_narrow.safetensors"
 PROMPT = "a photo of a cat and a dog in a garden"
 
 
@@ -23,22 +23,22 @@ def subjects(style=True, cat="cat", dog="dog"):
     return stack(*specs)
 
 
-def masker(sd15, st=None, prompt=PROMPT, **kw):
-    model, clip, _ = sd15
+def masker(sd15_narrow, st=None, prompt=PROMPT, **kw):
+    model, clip, _ = sd15_narrow
     args = dict(temperature=0.5, step_size=20.0, stop_fraction=0.5, extra_iterations=2, mask_threshold=0.4,
                 attention="conditional", style_scope="global")
     args.update(kw)
     return AttentionMasker.execute(model=model, clip=clip, stack=st or subjects(), prompt=prompt, **args).args
 
 
-def negative(sd15):
-    clip = sd15[1]
+def negative(sd15_narrow):
+    clip = sd15_narrow[1]
     return clip.encode_from_tokens_scheduled(clip.tokenize(""))
 
 
-def test_smoke_masks_and_loss(sd15):
-    model, positive = masker(sd15)
-    out = ksample(model, (positive, negative(sd15)), steps=4, sampler="euler")
+def test_smoke_masks_and_loss(sd15_narrow):
+    model, positive = masker(sd15_narrow)
+    out = ksample(model, (positive, negative(sd15_narrow)), steps=4, sampler="euler")
     assert torch.isfinite(out).all()
     run = runtime_of(model).last_clora
     assert sorted(run.masks) == [0, 1, 2, 3]
@@ -49,9 +49,9 @@ def test_smoke_masks_and_loss(sd15):
     assert masks.shape == (2, 64, 64) and overlay.shape == (1, 64, 64, 3)
 
 
-def test_update_lowers_the_loss_on_the_model(sd15):
-    model, positive = masker(sd15, step_size=0.02, extra_iterations=3)
-    ksample(model, (positive, negative(sd15)), steps=4, sampler="euler")
+def test_update_lowers_the_loss_on_the_model(sd15_narrow):
+    model, positive = masker(sd15_narrow, step_size=0.02, extra_iterations=3)
+    ksample(model, (positive, negative(sd15_narrow)), steps=4, sampler="euler")
     losses = runtime_of(model).last_clora.losses[0]
     assert losses[1] < losses[0]
 
@@ -66,15 +66,15 @@ def _overlap(run):
     return sum(ious) / len(ious)
 
 
-def test_updates_separate_the_concepts_masks(sd15):
+def test_updates_separate_the_concepts_masks(sd15_narrow):
     import comfy.sample
 
     overlaps = {}
     lat = torch.zeros(1, 4, 32, 32)  # 8x8 attention cells at 1/32 of 256 px
     noise = comfy.sample.prepare_noise(lat, 7)
     for size in (0.0, 20.0):
-        model, positive = masker(sd15, step_size=size, extra_iterations=5, mask_threshold=0.8)
-        comfy.sample.sample(model, noise, 6, 5.0, "euler", "normal", positive, negative(sd15), lat, seed=7,
+        model, positive = masker(sd15_narrow, step_size=size, extra_iterations=5, mask_threshold=0.8)
+        comfy.sample.sample(model, noise, 6, 5.0, "euler", "normal", positive, negative(sd15_narrow), lat, seed=7,
                             disable_pbar=True)
         run = runtime_of(model).last_clora
         overlaps[size] = _overlap(run)
@@ -108,16 +108,16 @@ def _reference_euler(runtime_ref, plan):
 
 
 @pytest.mark.parametrize("sampler", ["euler", "ddim"])
-def test_latent_update_changes_the_trajectory_exactly(sd15, sampler):
+def test_latent_update_changes_the_trajectory_exactly(sd15_narrow, sampler):
     from comfy_extras import nodes_custom_sampler as cs
     import comfy.samplers as samplers
     from comfyui_cmlora.cmlora_core.clora import update_plan
 
-    neg = negative(sd15)
+    neg = negative(sd15_narrow)
     steps = 4
-    model, positive = masker(sd15, extra_iterations=1)
+    model, positive = masker(sd15_narrow, extra_iterations=1)
     ours = ksample(model, (positive, neg), steps=steps, sampler=sampler, seed=5)
-    ref_model, _ = masker(sd15, extra_iterations=1, step_size=0.0)
+    ref_model, _ = masker(sd15_narrow, extra_iterations=1, step_size=0.0)
     runtime_ref = runtime_of(ref_model)
     plan = update_plan(steps, 0.5, 1)
     guider = cs.CFGGuider.execute(ref_model, positive, neg, 5.0).args[0]
@@ -130,33 +130,36 @@ def test_latent_update_changes_the_trajectory_exactly(sd15, sampler):
     effect = float((ours - no_update).abs().max()) / scale
     error = float((ours - ref["samples"]).abs().max()) / scale
     assert effect > 1e-3  # the updates matter ...
-    assert error < 2e-5, error  # ... and the sampler followed them (float32 rounding only)
+    # ... and the sampler followed them: float32 rounding only, which the update's gradient step
+    # amplifies with the effect (on the narrow twin: error 8e-5 for an effect of 0.79); a step whose
+    # update the sampler lost or took twice is off by a large part of the effect itself
+    assert error < 1e-3 * effect, (error, effect)
 
 
-def test_other_samplers_are_refused_with_updates(sd15):
-    model, positive = masker(sd15)
+def test_other_samplers_are_refused_with_updates(sd15_narrow):
+    model, positive = masker(sd15_narrow)
     with pytest.raises(CMLoRAError, match="euler and ddim"):
-        ksample(model, (positive, negative(sd15)), steps=3, sampler="euler_ancestral")
-    masks_only, positive = masker(sd15, step_size=0.0)
-    assert torch.isfinite(ksample(masks_only, (positive, negative(sd15)), steps=2, sampler="dpmpp_2m")).all()
+        ksample(model, (positive, negative(sd15_narrow)), steps=3, sampler="euler_ancestral")
+    masks_only, positive = masker(sd15_narrow, step_size=0.0)
+    assert torch.isfinite(ksample(masks_only, (positive, negative(sd15_narrow)), steps=2, sampler="dpmpp_2m")).all()
 
 
-def test_non_square_and_batch_two(sd15):
+def test_non_square_and_batch_two(sd15_narrow):
     import comfy.sample
 
-    model, positive = masker(sd15, extra_iterations=0)
+    model, positive = masker(sd15_narrow, extra_iterations=0)
     lat = torch.zeros(2, 4, 8, 16)
     noise = comfy.sample.prepare_noise(lat, 3)
-    out = comfy.sample.sample(model, noise, 3, 5.0, "euler", "normal", positive, negative(sd15), lat, seed=3,
+    out = comfy.sample.sample(model, noise, 3, 5.0, "euler", "normal", positive, negative(sd15_narrow), lat, seed=3,
                               disable_pbar=True)
     assert out.shape == (2, 4, 8, 16) and torch.isfinite(out).all()
     run = runtime_of(model).last_clora
     assert run.masks[2].shape == (2, 2, 8, 16)
 
 
-def test_masks_keep_rows_and_columns_on_non_square_maps(sd15):
+def test_masks_keep_rows_and_columns_on_non_square_maps(sd15_narrow):
     """A token attending only to the top-right attention cell gives a top-right mask."""
-    model, _ = masker(sd15)
+    model, _ = masker(sd15_narrow)
     runtime = runtime_of(model)
     h, w = 2, 4
     copies, rows, b = 3, 2, 1
@@ -171,28 +174,28 @@ def test_masks_keep_rows_and_columns_on_non_square_maps(sd15):
     assert a.shape == (h, w) and float(a[0, w - 1]) == 1.0 and float(a[1, 0]) == 0.0
 
 
-def test_bad_input(sd15):
+def test_bad_input(sd15_narrow):
     with pytest.raises(CMLoRAError, match=r"concept 'dog'.*not in the prompt 'a cat in a garden'"):
-        masker(sd15, prompt="a cat in a garden")
+        masker(sd15_narrow, prompt="a cat in a garden")
     with pytest.raises(CMLoRAError, match="has no concept words"):
-        masker(sd15, st=subjects(dog=""))
-    st = stack({"lora_name": "test_loha.safetensors", "category": "character", "concept": "cat"},
+        masker(sd15_narrow, st=subjects(dog=""))
+    st = stack({"lora_name": "test_loha_narrow.safetensors", "category": "character", "concept": "cat"},
                {"lora_name": DOG, "category": "object", "concept": "dog"})
-    model, positive = masker(sd15, st=st)  # LoHa has no text-encoder weights: still works (logged)
-    assert torch.isfinite(ksample(model, (positive, negative(sd15)), steps=2)).all()
+    model, positive = masker(sd15_narrow, st=st)  # LoHa has no text-encoder weights: still works (logged)
+    assert torch.isfinite(ksample(model, (positive, negative(sd15_narrow)), steps=2)).all()
 
 
-def test_prompt_longer_than_one_chunk(sd15):
+def test_prompt_longer_than_one_chunk(sd15_narrow):
     long_prompt = "a photo of a cat and a dog, " + ", ".join(["highly detailed"] * 40)
-    model, positive = masker(sd15, prompt=long_prompt, extra_iterations=0)
+    model, positive = masker(sd15_narrow, prompt=long_prompt, extra_iterations=0)
     assert positive[0][0].shape[1] > 77
-    assert torch.isfinite(ksample(model, (positive, negative(sd15)), steps=2)).all()
+    assert torch.isfinite(ksample(model, (positive, negative(sd15_narrow)), steps=2)).all()
 
 
-def test_updates_work_inside_the_executors_inference_mode(sd15):
+def test_updates_work_inside_the_executors_inference_mode(sd15_narrow):
     """The host runs nodes and samplers under torch.inference_mode(); gradients must still flow."""
     with torch.inference_mode():
-        model, positive = masker(sd15, extra_iterations=1)
-        out = ksample(model, (positive, negative(sd15)), steps=2, sampler="euler")
+        model, positive = masker(sd15_narrow, extra_iterations=1)
+        out = ksample(model, (positive, negative(sd15_narrow)), steps=2, sampler="euler")
     assert torch.isfinite(out).all()
     assert runtime_of(model).last_clora.losses[0]

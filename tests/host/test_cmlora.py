@@ -17,7 +17,7 @@ from comfyui_cmlora.nodes.cmlora_nodes import LoadProfile, ProfilerNode, SavePro
 from comfyui_cmlora.nodes.unet_split import capture_patch, find_split, shallow_forward
 from comfyui_cmlora.nodes.runtime import runtime_of
 
-A, B, C = "test_kohya.safetensors", "test_locon.safetensors", "test_peft.safetensors"
+A, B, C = "test_kohya_narrow.safetensors", "test_locon_narrow.safetensors", "test_peft_narrow.safetensors"
 CATS = {A: "character", B: "background", C: "style"}
 
 
@@ -49,12 +49,13 @@ def _check_shallow_invariant(model, x, t, context, y=None):
     return split, sink[0]
 
 
-def test_shallow_pass_with_fresh_deep_feature_equals_full_pass(sd15):
+def test_shallow_pass_with_fresh_deep_feature_equals_full_pass(sd15_narrow):
     torch.manual_seed(0)
-    split, deep = _check_shallow_invariant(sd15[0], torch.randn(2, 4, 8, 8), torch.tensor([500.0, 20.0]),
+    split, deep = _check_shallow_invariant(sd15_narrow[0], torch.randn(2, 4, 8, 8), torch.tensor([500.0, 20.0]),
                                            torch.randn(2, 77, 768))
-    # derived from the structure: the first level's 320-channel blocks, and the deep map entering them
-    assert (split.n_in, split.out_start) == (2, 4) and deep.shape == (2, 640, 8, 8)
+    # derived from the structure: the first level's blocks, and the deep map (the second level's
+    # twice-as-wide channels: 128 on the narrow twin) entering them
+    assert (split.n_in, split.out_start) == (2, 4) and deep.shape == (2, 128, 8, 8)
 
 
 def test_shallow_invariant_on_sdxl(sdxl):
@@ -65,8 +66,8 @@ def test_shallow_invariant_on_sdxl(sdxl):
 
 
 @pytest.mark.parametrize("settings", [dict(cache="none"), dict(cache="deep", refresh_interval=1)])
-def test_without_caching_cmlora_is_the_weighted_composite(sd15, conds, settings):
-    model = sd15[0]
+def test_without_caching_cmlora_is_the_weighted_composite(sd15_narrow, conds, settings):
+    model = sd15_narrow[0]
     names, strengths = [A, B, C], [1.0, 0.8, 0.9]
     st = stack(*[{"lora_name": n, "strength_model": s, "category": CATS[n]} for n, s in zip(names, strengths)])
     sched = schedule(st, **settings)[0]
@@ -87,8 +88,8 @@ def test_without_caching_cmlora_is_the_weighted_composite(sd15, conds, settings)
         assert torch.allclose(call["out"], expected, atol=1e-4), (call["out"] - expected).abs().max()
 
 
-def test_pass_counts_and_flop_ratio_match_the_schedule(sd15, conds):
-    model = sd15[0]
+def test_pass_counts_and_flop_ratio_match_the_schedule(sd15_narrow, conds):
+    model = sd15_narrow[0]
     st = cat_stack(A, B, C)
     sched = schedule(st, dominant_full=True)[0]
     patched = cmlora(model, st, sched)
@@ -113,13 +114,13 @@ def test_pass_counts_and_flop_ratio_match_the_schedule(sd15, conds):
     assert trace.full_passes == calls_per_step * (3 + (steps - 1))
 
 
-def test_first_run_runs_only_its_scheduled_passes_and_reports_their_flops(sd15, conds):
+def test_first_run_runs_only_its_scheduled_passes_and_reports_their_flops(sd15_narrow, conds):
     """No pass of the real model beyond the schedule's, even on the first run of a process, counted by
     hooks on the model; the report's FLOP ratio is those passes' FLOPs as torch counts them running."""
     from comfyui_cmlora.nodes import unet_split
 
     unet_split.FLOP_FRACTIONS.clear()  # nothing counted yet, as in a fresh process
-    model = sd15[0]
+    model = sd15_narrow[0]
     unet = model.model.diffusion_model
     rows = {"outer": 0, "deep": 0}  # rows through the first input block (every pass), the deepest (full only)
 
@@ -155,8 +156,8 @@ def test_first_run_runs_only_its_scheduled_passes_and_reports_their_flops(sd15, 
     assert f"this run took {ratio:.3f}x the model FLOPs of merge" in runtime.report(trace)
 
 
-def test_cmlora_run_leaves_base_model_bit_identical(sd15, conds):
-    model = sd15[0]
+def test_cmlora_run_leaves_base_model_bit_identical(sd15_narrow, conds):
+    model = sd15_narrow[0]
     before = ksample(model, conds, steps=3)
     st = cat_stack(A, B, C)
     ksample(cmlora(model, st, schedule(st)[0]), conds, steps=3)
@@ -173,18 +174,19 @@ def _spectral_lora(path, kernel, gain):
     """
     import make_fixtures as fx
 
-    unet_sd, unet_map, _, _ = fx.sd15_key_maps()
+    unet_sd, unet_map, _, _ = fx.sd15_key_maps(narrow=True)
     name = next(k for k, v in unet_map.items() if v == "diffusion_model.out.2.weight" and k.startswith("lora_unet_"))
-    mix = torch.ones(320)
+    width = unet_sd["diffusion_model.out.2.weight"].shape[1]
+    mix = torch.ones(width)
     mix[1::2] = -1.0
-    down = (kernel[None, None] * mix[None, :, None, None] / 320).contiguous()
+    down = (kernel[None, None] * mix[None, :, None, None] / width).contiguous()
     up = torch.full((4, 1, 1, 1), gain)
     save_file({f"{name}.lora_down.weight": down.half(), f"{name}.lora_up.weight": up.half(),
                f"{name}.alpha": torch.tensor(1.0).half()}, str(path))
 
 
-def test_profiler_separates_edge_and_smoothing_loras(sd15, models_dir):
-    model, clip, vae = sd15
+def test_profiler_separates_edge_and_smoothing_loras(sd15_narrow, models_dir):
+    model, clip, vae = sd15_narrow
     # known before running: a Laplacian (high-pass) LoRA is high-frequency, a box blur is low-frequency.
     # Decoded images are profiled (as the paper does): the random model's latents are white noise, which
     # no spectrum can top, while the decoder gives the baseline a natural, decaying spectrum.
@@ -230,8 +232,8 @@ def _error(fn, *a, **kw) -> str:
     return str(e.value)
 
 
-def test_bad_schedules(sd15, conds):
-    model = sd15[0]
+def test_bad_schedules(sd15_narrow, conds):
+    model = sd15_narrow[0]
     st = cat_stack(A, B, C)
     sched = schedule(st)[0]
     msg = _error(cmlora, model, cat_stack(A, B), sched)
@@ -249,18 +251,18 @@ def test_bad_schedules(sd15, conds):
     assert "not a CMLoRA profile" in _error(schedule, profile={"x": 1})
 
 
-def test_error_during_a_sampler_nodes_run_names_the_sampler_node(sd15, conds):
+def test_error_during_a_sampler_nodes_run_names_the_sampler_node(sd15_narrow, conds):
     """The runtime raises while the host samples; the message names the node that started the run."""
     st = cat_stack(A, B, C)
     pos, neg = conds
     with pytest.raises(CMLoRAError, match=r"^\[CMLoRA Sampler\] input 'schedule': 3 LoRAs need at least 3 steps"):
-        SamplerNode.execute(model=sd15[0], stack=st, method="cmlora", switch_interval=1, schedule=schedule(st)[0],
+        SamplerNode.execute(model=sd15_narrow[0], stack=st, method="cmlora", switch_interval=1, schedule=schedule(st)[0],
                             seed=0, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal", positive=pos,
                             negative=neg, latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0)
 
 
-def test_online_switch_point_follows_threshold_in_a_real_run(sd15, conds):
-    model = sd15[0]
+def test_online_switch_point_follows_threshold_in_a_real_run(sd15_narrow, conds):
+    model = sd15_narrow[0]
     st = cat_stack(A, B, C)
     switched = {}
     for threshold in (0.0, 1.0):
@@ -275,8 +277,8 @@ def test_online_switch_point_follows_threshold_in_a_real_run(sd15, conds):
     assert switched[1.0] == 1  # every score is below 1: the phase changes right after the first step
 
 
-def test_prediction_cache_reuses_whole_predictions(sd15, conds):
-    model = sd15[0]
+def test_prediction_cache_reuses_whole_predictions(sd15_narrow, conds):
+    model = sd15_narrow[0]
     st = cat_stack(A, B, C)
     sched = schedule(st, cache="prediction", dominant_full=True)[0]
     patched = cmlora(model, st, sched)
@@ -289,12 +291,12 @@ def test_prediction_cache_reuses_whole_predictions(sd15, conds):
     assert torch.isfinite(out).all()
 
 
-def test_the_profiler_samples_each_lora_over_its_step_range(sd15, conds):
+def test_the_profiler_samples_each_lora_over_its_step_range(sd15_narrow, conds):
     """A LoRA limited to the first half is profiled on the image the host's own nodes make of it: LoraLoader
     for the first two steps, the base model for the last two; a profile without the range is another."""
     from comfyui_cmlora.nodes.profiling import _measure
 
-    model = sd15[0]
+    model = sd15_narrow[0]
     pos, neg = conds
     latent = {"samples": torch.zeros(1, 4, 16, 16)}
     args = dict(model=model, positive=pos, negative=neg, latent_image=latent, seed=3, steps=4, cfg=4.0,

@@ -38,7 +38,7 @@ from _util import Recorder, apply, digests, ksample, lora_loader, stack
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.clora_nodes import AttentionMasker
 
-A, B, C = "test_kohya.safetensors", "test_locon.safetensors", "test_peft.safetensors"
+A, B, C = "test_kohya_narrow.safetensors", "test_locon_narrow.safetensors", "test_peft_narrow.safetensors"
 SA, SB, SC = 0.9, 0.8, 1.0
 STEPS = 2
 ATOL_CALL = 1e-4  # per model call, as test_methods.py
@@ -105,16 +105,16 @@ def _check_switch_with_a(model, rec, interval, steps):
 
 
 # ----------------------------------------------------------------------------- rule 1
-def test_host_lora_before_composite_is_in_every_row(sd15, conds):
-    model = sd15[0]
+def test_host_lora_before_composite_is_in_every_row(sd15_narrow, conds):
+    model = sd15_narrow[0]
     rec = Recorder()
     patched = apply(rec.attach(lora_loader(model, (A, SA))), stack((B, SB), (C, SC)), "composite")
     ksample(patched, conds, steps=STEPS)
     _check_composite_with_a(model, rec)
 
 
-def test_host_lora_before_switch_is_in_every_step(sd15, conds):
-    model = sd15[0]
+def test_host_lora_before_switch_is_in_every_step(sd15_narrow, conds):
+    model = sd15_narrow[0]
     rec = Recorder()
     patched = apply(rec.attach(lora_loader(model, (A, SA))), stack((B, SB), (C, SC)), "switch", interval=1)
     ksample(patched, conds, steps=STEPS)
@@ -122,16 +122,16 @@ def test_host_lora_before_switch_is_in_every_step(sd15, conds):
 
 
 # ----------------------------------------------------------------------------- rule 2
-def test_host_lora_after_composite_is_in_every_row(sd15, conds):
-    model = sd15[0]
+def test_host_lora_after_composite_is_in_every_row(sd15_narrow, conds):
+    model = sd15_narrow[0]
     rec = Recorder()
     patched = lora_loader(apply(rec.attach(model), stack((B, SB), (C, SC)), "composite"), (A, SA))
     ksample(patched, conds, steps=STEPS)
     _check_composite_with_a(model, rec)
 
 
-def test_host_lora_after_switch_is_in_every_step(sd15, conds):
-    model = sd15[0]
+def test_host_lora_after_switch_is_in_every_step(sd15_narrow, conds):
+    model = sd15_narrow[0]
     rec = Recorder()
     patched = lora_loader(apply(rec.attach(model), stack((B, SB), (C, SC)), "switch", interval=1), (A, SA))
     ksample(patched, conds, steps=STEPS)
@@ -140,8 +140,8 @@ def test_host_lora_after_switch_is_in_every_step(sd15, conds):
 
 # ----------------------------------------------------------------------------- rule 3
 @pytest.mark.parametrize("merge_first", [True, False], ids=["merge-then-composite", "composite-then-merge"])
-def test_apply_merge_with_composite_is_in_every_row(sd15, conds, merge_first):
-    model = sd15[0]
+def test_apply_merge_with_composite_is_in_every_row(sd15_narrow, conds, merge_first):
+    model = sd15_narrow[0]
     rec = Recorder()
     m = rec.attach(model)
     if merge_first:
@@ -192,8 +192,8 @@ def _later(kind, model, clip):
     ("switch", "masker", "CMLoRA Apply", "CLoRA Attention Masker"),
     ("masker", "composite", "CLoRA Attention Masker", "CMLoRA Apply"),
 ], ids=["composite-then-switch", "switch-then-masker", "masker-then-composite"])
-def test_second_composing_node_is_refused_naming_both(sd15, conds, earlier, later, earlier_name, later_name):
-    model, clip, _ = sd15
+def test_second_composing_node_is_refused_naming_both(sd15_narrow, conds, earlier, later, earlier_name, later_name):
+    model, clip, _ = sd15_narrow
     weights_before = _base_weights(model)
     hooks_before = _hooks(model)
     first, first_conds = _earlier(earlier, model, clip, conds)
@@ -248,11 +248,11 @@ class ApplyModelCounter:
         return executor(*args, **kwargs)
 
 
-def test_other_packs_wrappers_and_attachments_survive(sd15, conds):
+def test_other_packs_wrappers_and_attachments_survive(sd15_narrow, conds):
     from comfyui_cmlora.nodes.runtime import runtime_of
 
     WMP = comfy.patcher_extension.WrappersMP
-    model = sd15[0]
+    model = sd15_narrow[0]
     foreign, counter, token = ForeignWrapper(), ApplyModelCounter(), object()
     theirs = model.clone()
     theirs.add_wrapper_with_key(WMP.DIFFUSION_MODEL, "otherpack", foreign)

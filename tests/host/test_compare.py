@@ -20,7 +20,7 @@ from comfyui_cmlora.nodes.cmlora_nodes import SchedulerNode
 from comfyui_cmlora.nodes.compare_nodes import BACKGROUND, CompareMethodsNode, grid_layout
 from comfyui_cmlora.nodes.stack_nodes import LoraStackNode
 
-A, B = "test_kohya.safetensors", "test_locon.safetensors"
+A, B = "test_kohya_narrow.safetensors", "test_locon_narrow.safetensors"
 NODE = "CMLoRA Compare Methods"
 STEPS = 3
 SAMPLING = dict(seed=7, steps=STEPS, cfg=5.0, sampler_name="euler", scheduler="normal")
@@ -53,38 +53,38 @@ def schedule_for(st):
                                  dominant_full=True, preview_steps=8).args[0]
 
 
-def compare(sd15, conds, st, methods, schedule=None, size=8, batch=1, switch_interval=1, model=None, **sampling):
+def compare(sd15_narrow, conds, st, methods, schedule=None, size=8, batch=1, switch_interval=1, model=None, **sampling):
     pos, neg = conds
-    return CompareMethodsNode.execute(model=model or sd15[0], stack=st, positive=pos, negative=neg,
-                                      latent_image={"samples": torch.zeros(batch, 4, size, size)}, vae=sd15[2],
+    return CompareMethodsNode.execute(model=model or sd15_narrow[0], stack=st, positive=pos, negative=neg,
+                                      latent_image={"samples": torch.zeros(batch, 4, size, size)}, vae=sd15_narrow[2],
                                       methods=methods, switch_interval=switch_interval, schedule=schedule,
                                       **{**SAMPLING, **sampling})
 
 
-def alone(sd15, conds, st, method, schedule=None, size=8, batch=1):
+def alone(sd15_narrow, conds, st, method, schedule=None, size=8, batch=1):
     """The method run on its own: CMLoRA Sampler (the base model: the host's KSampler), then VAE Decode."""
     pos, neg = conds
     latent = {"samples": torch.zeros(batch, 4, size, size)}
     if method == "base":
-        out = host_nodes.KSampler().sample(sd15[0], SAMPLING["seed"], STEPS, SAMPLING["cfg"], "euler", "normal",
+        out = host_nodes.KSampler().sample(sd15_narrow[0], SAMPLING["seed"], STEPS, SAMPLING["cfg"], "euler", "normal",
                                            pos, neg, latent)[0]
         report = ""
     else:
-        out, report = SamplerNode.execute(model=sd15[0], stack=st, method=method, switch_interval=1,
+        out, report = SamplerNode.execute(model=sd15_narrow[0], stack=st, method=method, switch_interval=1,
                                           schedule=schedule, positive=pos, negative=neg, latent_image=latent,
                                           denoise=1.0, **SAMPLING).args
-    return host_nodes.VAEDecode().decode(sd15[2], out)[0], report
+    return host_nodes.VAEDecode().decode(sd15_narrow[2], out)[0], report
 
 
 def ratios(report: str) -> dict[str, float]:
     return {m: float(r) for m, r in re.findall(r"^(\w+): [\d.]+ s .*?, ([\d.]+)x the model FLOPs of merge", report, re.M)}
 
 
-def test_each_tile_is_the_method_run_alone_with_labels_and_flop_ratios(sd15, conds, temp_dir):
+def test_each_tile_is_the_method_run_alone_with_labels_and_flop_ratios(sd15_narrow, conds, temp_dir):
     st = two_loras()
     sched = schedule_for(st)
     methods = ["base", "merge", "switch", "composite", "cmlora"]
-    out = compare(sd15, conds, st, ", ".join(methods), sched)
+    out = compare(sd15_narrow, conds, st, ", ".join(methods), sched)
     grid, report = out.args
     assert grid.shape[0] == 1 and grid.shape[-1] == 3
     layout = grid_layout(methods, 1, 64, 64)
@@ -94,7 +94,7 @@ def test_each_tile_is_the_method_run_alone_with_labels_and_flop_ratios(sd15, con
     for col, method in enumerate(methods):
         x0, y0, x1, y1 = layout.tile_box(col)
         tile = grid[0, y0:y1, x0:x1]
-        expected, sampler_report = alone(sd15, conds, st, method, sched if method == "cmlora" else None)
+        expected, sampler_report = alone(sd15_narrow, conds, st, method, sched if method == "cmlora" else None)
         assert torch.allclose(tile, expected[0], atol=1e-5), (method, (tile - expected[0]).abs().max())
         tiles.append(tile)
         if method == "cmlora":
@@ -125,7 +125,7 @@ def test_each_tile_is_the_method_run_alone_with_labels_and_flop_ratios(sd15, con
     assert r["cmlora"] == sampler_ratio
     # by hand: one model call per step; step 0 runs both LoRAs' full passes, steps 1 and 2 the dominant's
     # full pass and the other's shallow one; each pass's FLOPs as torch counts them running
-    full_flops, shallow_flops = real_pass_flops(sd15[0])
+    full_flops, shallow_flops = real_pass_flops(sd15_narrow[0])
     assert r["cmlora"] == pytest.approx((4 * full_flops + 2 * shallow_flops) / (3 * full_flops), abs=5e-4)
 
     # the preview on the node and the report text
@@ -133,13 +133,13 @@ def test_each_tile_is_the_method_run_alone_with_labels_and_flop_ratios(sd15, con
     assert out.ui["text"] == (report,)
 
 
-def test_flop_ratio_follows_the_step_ranges_the_run_had(sd15, conds):
+def test_flop_ratio_follows_the_step_ranges_the_run_had(sd15_narrow, conds):
     """A LoRA on the first half of the steps only: composite runs two copies there and one after."""
     inputs = {i.id for i in LoraStackNode.define_schema().inputs}
     if "end_at" not in inputs:
         pytest.skip("this tree's LoRA Stack has no step ranges")
     st = stack({"lora_name": A, "strength_model": 1.0, "end_at": 0.5}, (B, 0.8))
-    r = ratios(compare(sd15, conds, st, "merge, composite").args[1])
+    r = ratios(compare(sd15_narrow, conds, st, "merge, composite").args[1])
     # ranges are measured on the noise level; the normal scheduler starts step i at place i / (STEPS - 1)
     on = [s for s in range(STEPS) if s / (STEPS - 1) < 0.5]
     assert on == [0]
@@ -147,26 +147,26 @@ def test_flop_ratio_follows_the_step_ranges_the_run_had(sd15, conds):
     assert r["merge"] == 1.0 and r["composite"] == pytest.approx(copies / STEPS, abs=5e-4)
 
 
-def test_regions_tile_and_its_flop_ratio(sd15, conds):
+def test_regions_tile_and_its_flop_ratio(sd15_narrow, conds):
     """A stack with a mask compares regions with the base model: two copies of the rows per call."""
     st = masked_stack()
-    grid, report = compare(sd15, conds, st, "regions, base").args
+    grid, report = compare(sd15_narrow, conds, st, "regions, base").args
     layout = grid_layout(["regions", "base"], 1, 64, 64)
     for col, method in enumerate(["regions", "base"]):
-        expected, _ = alone(sd15, conds, st, method)
+        expected, _ = alone(sd15_narrow, conds, st, method)
         x0, y0, x1, y1 = layout.tile_box(col)
         assert torch.allclose(grid[0, y0:y1, x0:x1], expected[0], atol=1e-5), method
     assert ratios(report) == {"regions": 2.0, "base": 1.0}
 
 
-def test_batch_of_two_and_larger_tiles(sd15, conds):
+def test_batch_of_two_and_larger_tiles(sd15_narrow, conds):
     st = stack((A, 1.0), (B, 0.7))
-    grid = compare(sd15, conds, st, "composite, merge", size=16, batch=2).args[0]
+    grid = compare(sd15_narrow, conds, st, "composite, merge", size=16, batch=2).args[0]
     layout = grid_layout(["composite", "merge"], 2, 128, 128)
     assert tuple(grid.shape[1:3]) == (layout.height, layout.width)
     assert layout.font > grid_layout(["composite", "merge"], 2, 64, 64).font >= 12  # the text grows with the tiles
     for col, method in enumerate(["composite", "merge"]):
-        expected, _ = alone(sd15, conds, st, method, size=16, batch=2)
+        expected, _ = alone(sd15_narrow, conds, st, method, size=16, batch=2)
         for row in range(2):
             x0, y0, x1, y1 = layout.tile_box(col, row)
             assert torch.allclose(grid[0, y0:y1, x0:x1], expected[row], atol=1e-5), (method, row)
@@ -202,30 +202,30 @@ def counted(model):
                                               r"lists merge.*Fix: list only regions \(and base\)", STEPS),
     ("merge, regions", None, "stack", r"method 'regions' needs at least one LoRA with a mask", STEPS),
 ])
-def test_bad_input_is_refused_before_any_sampling(sd15, conds, methods, schedule, input, match, steps):
-    model, counter = counted(sd15[0])
+def test_bad_input_is_refused_before_any_sampling(sd15_narrow, conds, methods, schedule, input, match, steps):
+    model, counter = counted(sd15_narrow[0])
     st = masked_stack() if "has a mask" in match else two_loras()
     made_for = {"same": st, "other": stack((B, 1.0), (A, 1.0))}  # "other": the same LoRAs in another order
     sched = schedule_for(made_for[schedule]) if schedule else None
     with pytest.raises(CMLoRAError, match=match) as e:
-        compare(sd15, conds, st, methods, sched, model=model, steps=steps)
+        compare(sd15_narrow, conds, st, methods, sched, model=model, steps=steps)
     assert e.value.node == NODE and e.value.input == input
     assert str(e.value).startswith(f"[{NODE}] input '{input}'")
     assert counter.calls == 0  # refused before the first method sampled
 
 
-def test_unused_schedule_is_named_in_the_report(sd15, conds):
+def test_unused_schedule_is_named_in_the_report(sd15_narrow, conds):
     st = stack((A, 1.0), (B, 1.0))
-    report = compare(sd15, conds, st, "merge", schedule_for(st)).args[1]
+    report = compare(sd15_narrow, conds, st, "merge", schedule_for(st)).args[1]
     assert "a schedule is connected but methods does not list cmlora" in report
 
 
-def test_the_model_is_left_as_it_was_after_a_run_and_after_a_failed_one(sd15, conds):
-    model = sd15[0]
+def test_the_model_is_left_as_it_was_after_a_run_and_after_a_failed_one(sd15_narrow, conds):
+    model = sd15_narrow[0]
     before = ksample(model, conds, steps=3)
     weights = digests(model.model.diffusion_model.state_dict())
     st = two_loras()
-    compare(sd15, conds, st, "switch, merge, composite, cmlora", schedule_for(st))
+    compare(sd15_narrow, conds, st, "switch, merge, composite, cmlora", schedule_for(st))
     assert torch.equal(before, ksample(model, conds, steps=3))
 
     # a run stopped in its second method (switch, with a LoRA folded into the weights at the time)
@@ -240,7 +240,7 @@ def test_the_model_is_left_as_it_was_after_a_run_and_after_a_failed_one(sd15, co
     stopping.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test-interrupt", Interrupt())
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
-            compare(sd15, conds, st, "merge, switch, composite", model=stopping)
+            compare(sd15_narrow, conds, st, "merge, switch, composite", model=stopping)
     finally:
         comfy.model_management.interrupt_current_processing(False)
     assert counter.calls == STEPS + 2  # it did stop inside switch's run
@@ -250,14 +250,14 @@ def test_the_model_is_left_as_it_was_after_a_run_and_after_a_failed_one(sd15, co
         "test-counter", "test-interrupt"}  # nothing of the node's was left on the model it was given
 
 
-def test_the_seconds_are_the_sampling_alone(sd15, conds, monkeypatch):
+def test_the_seconds_are_the_sampling_alone(sd15_narrow, conds, monkeypatch):
     """Loading the model (and patching it in) and decoding each take an extra second here; no label
     counts them, so the first column does not pay for loading the others share."""
     import time
 
-    load, decode = comfy.model_management.load_models_gpu, sd15[2].decode
+    load, decode = comfy.model_management.load_models_gpu, sd15_narrow[2].decode
     monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda *a, **k: (time.sleep(1.0), load(*a, **k))[1])
-    monkeypatch.setattr(sd15[2], "decode", lambda *a, **k: (time.sleep(1.0), decode(*a, **k))[1])
-    _, report = compare(sd15, conds, two_loras(), "merge, switch", steps=1).args
+    monkeypatch.setattr(sd15_narrow[2], "decode", lambda *a, **k: (time.sleep(1.0), decode(*a, **k))[1])
+    _, report = compare(sd15_narrow, conds, two_loras(), "merge, switch", steps=1).args
     seconds = {m: float(s) for m, s in re.findall(r"^(\w+): ([\d.]+) s ", report, re.M)}
     assert set(seconds) == {"merge", "switch"} and all(s < 1.0 for s in seconds.values()), seconds

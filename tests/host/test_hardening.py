@@ -21,7 +21,7 @@ from comfyui_cmlora.nodes.clora_nodes import AttentionMasker, MaskOutput, build_
 from comfyui_cmlora.nodes.cmlora_nodes import LoadProfile, ProfilerNode, SaveProfile, SchedulerNode
 from comfyui_cmlora.nodes.stack_nodes import LoraStackNode, StackFromLoraStack
 
-GOOD = "test_kohya.safetensors"
+GOOD = "test_kohya_narrow.safetensors"
 STACK_ARGS = dict(strength_model=1.0, strength_clip=1.0, enabled=True, category="auto", concept="", trigger="")
 SCHEDULER_ARGS = dict(mode="offline", switch_interval=5, cache="deep", refresh="nonuniform", refresh_interval=2,
                       h_to_l_fraction=0.55, online_threshold=0.5, w_dom="constant", dominant_full=True, preview_steps=8)
@@ -88,22 +88,22 @@ def test_strength_must_be_a_finite_number(models_dir, value):
         LoraStackNode.execute(lora_name=GOOD, **{**STACK_ARGS, "strength_model": value})
 
 
-def test_nan_prediction_stops_the_run_naming_the_lora(sd15, conds, bad_loras):
-    model = sd15[0]
+def test_nan_prediction_stops_the_run_naming_the_lora(sd15_narrow, conds, bad_loras):
+    model = sd15_narrow[0]
     st = stack((GOOD, 1.0), ("bad_overflow.safetensors", 1.0))
     with pytest.raises(CMLoRAError, match=r"\[CMLoRA Apply\] input 'stack': the prediction at step 0 holds NaN or "
                                           r"infinite values from LoRA 'bad_overflow.safetensors'\."):
         ksample(apply(model, st, "composite"), conds, steps=2)
     with pytest.raises(CMLoRAError, match=r"from LoRA 'bad_overflow.safetensors'"):
         ksample(apply(model, st, "switch", interval=1), conds, steps=2, sampler="euler")  # step 0 is GOOD's
-    with pytest.raises(CMLoRAError, match=r"with the merged LoRAs \['test_kohya.safetensors', 'bad_overflow"):
+    with pytest.raises(CMLoRAError, match=r"with the merged LoRAs \['test_kohya_narrow.safetensors', 'bad_overflow"):
         ksample(apply(model, st, "merge"), conds, steps=2)
     out = ksample(apply(model, stack((GOOD, 1.0)), "composite"), conds, steps=2)  # the base model is unharmed
     assert torch.isfinite(out).all()
 
 
-def test_profiler_refuses_nan_scores_and_tiny_latents(sd15, conds, bad_loras):
-    model = sd15[0]
+def test_profiler_refuses_nan_scores_and_tiny_latents(sd15_narrow, conds, bad_loras):
+    model = sd15_narrow[0]
     pos, neg = conds
     args = dict(model=model, positive=pos, negative=neg, seed=0, steps=2, cfg=5.0, sampler_name="euler",
                 scheduler="normal")
@@ -115,10 +115,10 @@ def test_profiler_refuses_nan_scores_and_tiny_latents(sd15, conds, bad_loras):
 
 
 # ------------------------------------------------------------------ 3. options checked against the host's lists
-def test_unknown_options_are_refused_not_replaced(sd15, conds):
-    model = sd15[0]
+def test_unknown_options_are_refused_not_replaced(sd15_narrow, conds):
+    model = sd15_narrow[0]
     pos, neg = conds
-    st = stack((GOOD, 1.0), ("test_peft.safetensors", 1.0))
+    st = stack((GOOD, 1.0), ("test_peft_narrow.safetensors", 1.0))
     args = dict(model=model, stack=st, method="composite", switch_interval=1, seed=0, steps=1, cfg=5.0,
                 sampler_name="euler", scheduler="normal", positive=pos, negative=neg,
                 latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0)
@@ -128,7 +128,7 @@ def test_unknown_options_are_refused_not_replaced(sd15, conds):
     for name in ("mode", "cache", "refresh", "w_dom"):
         with pytest.raises(CMLoRAError, match=rf"input '{name}': 'nope' is not one of its options"):
             SchedulerNode.execute(stack=st, **{**SCHEDULER_ARGS, name: "nope"})
-    model_, clip, _ = sd15
+    model_, clip, _ = sd15_narrow
     clora = dict(model=model_, clip=clip, stack=st, prompt="a cat", temperature=0.5, step_size=20.0,
                  stop_fraction=0.5, extra_iterations=0, mask_threshold=0.4, attention="conditional",
                  style_scope="global")
@@ -144,10 +144,10 @@ def _sample(model, positive, negative, size, seed=1):
                                negative, lat, seed=seed, disable_pbar=True)
 
 
-def test_clora_masks_belong_to_the_samples_they_are_given(sd15):
-    model, clip, _ = sd15
+def test_clora_masks_belong_to_the_samples_they_are_given(sd15_narrow):
+    model, clip, _ = sd15_narrow
     st = stack({"lora_name": GOOD, "category": "character", "concept": "cat"},
-               {"lora_name": "test_peft.safetensors", "category": "object", "concept": "dog"})
+               {"lora_name": "test_peft_narrow.safetensors", "category": "object", "concept": "dog"})
     masked, positive = AttentionMasker.execute(
         model=model, clip=clip, stack=st, prompt="a cat and a dog", temperature=0.5, step_size=0.0, stop_fraction=0.5,
         extra_iterations=0, mask_threshold=0.4, attention="conditional", style_scope="global").args
@@ -170,11 +170,11 @@ def test_rank0_lora_is_a_clear_error(bad_loras):
         LoraStackNode.execute(lora_name="bad_rank0.safetensors", **STACK_ARGS)
 
 
-def test_trigger_is_inserted_literally(sd15):
+def test_trigger_is_inserted_literally(sd15_narrow):
     st = stack({"lora_name": GOOD, "category": "character", "concept": "cat", "trigger": r"\1 $0 \g<0>"},
-               {"lora_name": "test_peft.safetensors", "category": "object", "concept": "dog"})
+               {"lora_name": "test_peft_narrow.safetensors", "category": "object", "concept": "dog"})
     subjects = list(st.entries)
-    texts = build_branches(sd15[1], "a cat and a dog", subjects, [])[0]
+    texts = build_branches(sd15_narrow[1], "a cat and a dog", subjects, [])[0]
     assert texts[1] == r"a \1 $0 \g<0> cat and a dog"
 
 
@@ -217,9 +217,9 @@ def test_profile_file_names_are_checked(filename, pack):
 
 
 @pytest.mark.parametrize("item, match", [
-    ((GOOD, "strong", 1.0), r"strength_model of 'test_kohya.safetensors' must be a number, got 'strong'"),
-    ((GOOD, 1.0, [1]), r"strength_clip of 'test_kohya.safetensors' must be a number, got a list"),
-    ((GOOD, 1000.0, 1.0), r"strength_model of 'test_kohya.safetensors' is 1000.0, outside -20.0..20.0"),
+    ((GOOD, "strong", 1.0), r"strength_model of 'test_kohya_narrow.safetensors' must be a number, got 'strong'"),
+    ((GOOD, 1.0, [1]), r"strength_clip of 'test_kohya_narrow.safetensors' must be a number, got a list"),
+    ((GOOD, 1000.0, 1.0), r"strength_model of 'test_kohya_narrow.safetensors' is 1000.0, outside -20.0..20.0"),
     ((42, 1.0, 1.0), r"42 is not a LoRA file in the loras folder"),
     ((["a"], 1.0, 1.0), r"a list is not a LoRA file in the loras folder"),
 ])
@@ -228,8 +228,8 @@ def test_lora_stack_entries_are_checked(models_dir, item, match):
         StackFromLoraStack.execute(lora_stack=[item])
 
 
-def test_literal_values_for_linked_inputs_are_refused(sd15):
-    model = sd15[0]
+def test_literal_values_for_linked_inputs_are_refused(sd15_narrow):
+    model = sd15_narrow[0]
     st = stack((GOOD, 1.0))
     for kwargs, name in ((dict(model="model", stack=st), "model"), (dict(model=model, stack=[1, 2]), "stack"),
                          (dict(model=model, stack=st, schedule={"a": 1}), "schedule")):
@@ -247,6 +247,6 @@ def test_file_cache_is_bounded_by_bytes(models_dir, monkeypatch):
     cache.clear()
     size = lora_files.load_lora_file(GOOD, "test").nbytes
     monkeypatch.setattr(cache, "budget", size + 1)
-    lora_files.load_lora_file("test_peft.safetensors", "test")
+    lora_files.load_lora_file("test_peft_narrow.safetensors", "test")
     assert len(cache) == 1 and cache.used <= max(size + 1, cache.used)
-    assert cache.used == lora_files.load_lora_file("test_peft.safetensors", "test").nbytes
+    assert cache.used == lora_files.load_lora_file("test_peft_narrow.safetensors", "test").nbytes

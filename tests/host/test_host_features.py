@@ -15,7 +15,9 @@ from _util import Recorder, apply, digests, ksample, lora_loader, stack
 from comfyui_cmlora.nodes import host
 from comfyui_cmlora.nodes.runtime import runtime_of
 
-A, B, C = "test_kohya.safetensors", "test_locon.safetensors", "test_peft.safetensors"
+A, B, C = "test_kohya_narrow.safetensors", "test_locon_narrow.safetensors", "test_peft_narrow.safetensors"
+# the checkpoint's width, for the fp8 file made from the checkpoint's UNet
+WIDE_A, WIDE_C = "test_kohya.safetensors", "test_peft.safetensors"
 
 
 def _state(model):
@@ -23,10 +25,10 @@ def _state(model):
 
 
 @pytest.mark.parametrize("method", ["switch", "composite"])
-def test_clones_of_a_patched_model_run_independently(sd15, conds, method):
+def test_clones_of_a_patched_model_run_independently(sd15_narrow, conds, method):
     """Cloning a patched model (what every downstream model node does) gives each clone its own
     runtime; the clones and the original sample the same image, each records its own run."""
-    model = sd15[0]
+    model = sd15_narrow[0]
     patched = apply(model, stack((A, 0.9), (B, 0.7)), method, interval=1)
     first, second = patched.clone(), patched.clone()
     runtimes = [runtime_of(m) for m in (patched, first, second)]
@@ -44,11 +46,11 @@ def test_clones_of_a_patched_model_run_independently(sd15, conds, method):
     assert not torch.allclose(plain, expected, atol=1e-3)
 
 
-def test_clone_chained_through_a_host_model_node(sd15, conds):
+def test_clone_chained_through_a_host_model_node(sd15_narrow, conds):
     """A host node that clones the model after CMLoRA Apply (ModelSamplingDiscrete) keeps the LoRAs."""
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
-    model = sd15[0]
+    model = sd15_narrow[0]
     patched = apply(model, stack((A, 1.0), (B, 1.0)), "composite")
     # a model node of the host that returns a clone with an object patch of its own (V1 or V3 node)
     node = ModelSamplingDiscrete
@@ -71,10 +73,10 @@ def _lora_keys(model):
                    if k in weights and k.endswith(".weight")})
 
 
-def test_quantized_weights_are_not_writable(fp8_model, sd15):
+def test_quantized_weights_are_not_writable(fp8_model, sd15_narrow):
     assert not host.weights_writable(fp8_model, _lora_keys(fp8_model))
-    assert host.weights_writable(sd15[0], _lora_keys(sd15[0]))
-    assert not host.is_dynamic(sd15[0])  # a CPU host always uses the classic patcher
+    assert host.weights_writable(sd15_narrow[0], _lora_keys(sd15_narrow[0]))
+    assert not host.is_dynamic(sd15_narrow[0])  # a CPU host always uses the classic patcher
 
 
 def _dequantized(models_dir):
@@ -106,7 +108,7 @@ def test_switch_on_quantized_weights_routes_and_matches_lora_loader(fp8_model, c
     model = fp8_model
     before = _state(model)
     rec = Recorder()
-    patched = apply(rec.attach(model), stack((A, 1.0), (C, 1.0)), "switch", interval=1)
+    patched = apply(rec.attach(model), stack((WIDE_A, 1.0), (WIDE_C, 1.0)), "switch", interval=1)
     out = ksample(patched, conds, steps=2)
     trace = runtime_of(patched).last_trace
     assert trace.routed and trace.folds == 0 and [trace.active[s] for s in (0, 1)] == [0, 1]
@@ -117,7 +119,7 @@ def test_switch_on_quantized_weights_routes_and_matches_lora_loader(fp8_model, c
     from _util import diffusion_out
 
     exact = _dequantized(models_dir)
-    refs = [lora_loader(exact, (A, 1.0)), lora_loader(exact, (C, 1.0))]
+    refs = [lora_loader(exact, (WIDE_A, 1.0)), lora_loader(exact, (WIDE_C, 1.0))]
     for i, call in enumerate(rec.calls):
         k = trace.active[i]
         ref, ref_base = diffusion_out(refs[k], call), diffusion_out(exact, call)
@@ -129,9 +131,9 @@ def test_switch_on_quantized_weights_routes_and_matches_lora_loader(fp8_model, c
         assert _rel(call["out"] - base, ref - ref_base) < 1e-2, _rel(call["out"] - base, ref - ref_base)
 
 
-def test_memory_estimate_counts_the_copies(sd15, conds, monkeypatch):
+def test_memory_estimate_counts_the_copies(sd15_narrow, conds, monkeypatch):
     """The host sizes its batches of conds and the memory it frees for N copies of every call."""
-    model = sd15[0]
+    model = sd15_narrow[0]
     estimate = type(model.model).memory_required
 
     def limit(free):  # the device reports this much free memory
@@ -188,16 +190,16 @@ def test_v3_schema_features_where_the_host_has_them(pack):
     assert getattr(refresh, "advanced", None) is (True if host.ADVANCED else None)
 
 
-def test_generated_checkpoints_are_detected_by_this_host(sd15, sdxl):
-    assert type(sd15[0].model.model_config).__name__ == "SD15"
+def test_generated_checkpoints_are_detected_by_this_host(sd15_narrow, sdxl):
+    assert type(sd15_narrow[0].model.model_config).__name__ == "SD15"
     assert "SDXL" in type(sdxl.model).__name__ and sdxl.model.model_config.unet_config["context_dim"] == 2048
 
 
-def test_a_second_stack_on_a_patched_model_is_a_clear_error(sd15, conds):
+def test_a_second_stack_on_a_patched_model_is_a_clear_error(sd15_narrow, conds):
     """Chaining CMLoRA Apply into CMLoRA Apply would nest one runtime inside the other."""
     from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 
-    model = sd15[0]
+    model = sd15_narrow[0]
     patched = apply(model, stack((A, 1.0), (B, 1.0)), "composite")
     with pytest.raises(CMLoRAError, match=r"\[CMLoRA Apply\].*'model'.*already composes a LoRA stack.*one stack"):
         apply(patched, stack((C, 1.0), (B, 1.0)), "switch")
@@ -205,7 +207,7 @@ def test_a_second_stack_on_a_patched_model_is_a_clear_error(sd15, conds):
     assert torch.equal(ksample(patched, conds, steps=1), ksample(patched.clone(), conds, steps=1))
 
 
-def test_the_pack_on_the_hosts_own_cpu_attention(sd15, conds, monkeypatch):
+def test_the_pack_on_the_hosts_own_cpu_attention(sd15_narrow, conds, monkeypatch):
     """The suite starts the host as `--use-pytorch-cross-attention` would (tests/_host.py; faster on the
     CPU, BENCHMARKS.md). This test runs on the host's own choice for a CPU, its sub-quadratic attention:
     switch with one LoRA samples LoraLoader's image bit for bit, composite of two LoRAs runs every
@@ -213,7 +215,7 @@ def test_the_pack_on_the_hosts_own_cpu_attention(sd15, conds, monkeypatch):
     import comfy.ldm.modules.attention as attention
 
     assert attention.optimized_attention is attention.attention_pytorch  # the suite's setting took
-    model = sd15[0]
+    model = sd15_narrow[0]
     composite = apply(model, stack((A, 0.9), (B, 0.7)), "composite")
     suite = ksample(composite, conds, steps=3)
     calls = []

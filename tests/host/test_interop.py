@@ -155,60 +155,60 @@ def register_like_ipadapter(model, patch, key):
         to["patches_replace"]["attn2"][key].set_new_condition(weight=patch.weight)
 
 
-def test_ipadapter_patch_registered_before_the_masker_keeps_running_inside_clora(sd15):
-    base = sd15[0].clone()
+def test_ipadapter_patch_registered_before_the_masker_keeps_running_inside_clora(sd15_narrow):
+    base = sd15_narrow[0].clone()
     patch = IPAdapterStylePatch()
     unet = base.model.diffusion_model
     keys = [("input", i) for i, blk in enumerate(unet.input_blocks) if any(hasattr(m, "transformer_blocks") for m in blk)]
     keys += [("output", i) for i, blk in enumerate(unet.output_blocks) if any(hasattr(m, "transformer_blocks") for m in blk)]
     for key in keys:  # SD1.5: IPAdapter's keys are (block, index)
         register_like_ipadapter(base, patch, key)
-    model, positive = masker((base, *sd15[1:]), extra_iterations=1)
-    out = ksample(model, (positive, negative(sd15)), steps=2)
+    model, positive = masker((base, *sd15_narrow[1:]), extra_iterations=1)
+    out = ksample(model, (positive, negative(sd15_narrow)), steps=2)
     runtime = runtime_of(model)
     # CLoRA's target layers ran the IPAdapter patch (it was skipped there before), and CLoRA got its maps
     seen = {(b, i) for b, i, _ in patch.calls}
     assert {(b, i) for b, i, _ in runtime.layers} <= seen and set(keys) == seen
     assert runtime.last_clora.masks and runtime.last_clora.losses
-    plain, positive = masker(sd15, extra_iterations=1)
-    assert not torch.allclose(out, ksample(plain, (positive, negative(sd15)), steps=2), atol=1e-3)
+    plain, positive = masker(sd15_narrow, extra_iterations=1)
+    assert not torch.allclose(out, ksample(plain, (positive, negative(sd15_narrow)), steps=2), atol=1e-3)
 
 
-def test_ipadapter_patch_registered_after_the_masker_on_its_keys(sd15):
-    model, positive = masker(sd15, extra_iterations=1)
+def test_ipadapter_patch_registered_after_the_masker_on_its_keys(sd15_narrow):
+    model, positive = masker(sd15_narrow, extra_iterations=1)
     model = model.clone()
     patch = IPAdapterStylePatch()
     targets = runtime_of(model).layers
     for key in targets:  # SDXL-style keys (block, index, transformer): the very keys CLoRA reads
         register_like_ipadapter(model, patch, key)
-    out = ksample(model, (positive, negative(sd15)), steps=2)
+    out = ksample(model, (positive, negative(sd15_narrow)), steps=2)
     assert torch.isfinite(out).all() and patch.conditions == 1
     assert set(patch.calls) == set(targets)
     assert runtime_of(model).last_clora.masks
 
 
-def test_self_attention_guidance_calls_without_the_prompt_use_the_steps_masks(sd15):
+def test_self_attention_guidance_calls_without_the_prompt_use_the_steps_masks(sd15_narrow):
     """SAG evaluates the blurred unconditional rows in a call of their own (labelled as conditional:
     the host numbers the conds it is given); they hold no concept, so they take the step's masks."""
     from comfy_extras.nodes_sag import SelfAttentionGuidance
 
-    model, positive = masker(sd15, extra_iterations=1)
+    model, positive = masker(sd15_narrow, extra_iterations=1)
     sag = host_node(SelfAttentionGuidance, model=model, scale=0.5, blur_sigma=2.0)[0]
     inner = Recorder()
     sag = inner.attach(sag)
-    out = ksample(sag, (positive, negative(sd15)), steps=3)
+    out = ksample(sag, (positive, negative(sd15_narrow)), steps=3)
     assert torch.isfinite(out).all()
     runtime = runtime_of(sag)
     copies = len(runtime.branches.contexts)
     own = [c for c in inner.calls if c["x"].shape[0] == copies]
     assert len(own) == 3  # SAG's own call, one per step
-    neg = negative(sd15)[0][0]
+    neg = negative(sd15_narrow)[0][0]
     for c in own:  # its prompt (the negative one) is left as it is in every branch
         assert all(torch.equal(c["context"][p, :neg.shape[1]], neg[0].to(c["context"])) for p in range(copies))
     assert sorted(runtime.last_clora.masks) == [0, 1, 2]
 
 
-def test_unconditional_rows_in_a_call_of_their_own(sd15, monkeypatch):
+def test_unconditional_rows_in_a_call_of_their_own(sd15_narrow, monkeypatch):
     """When memory is short the host runs the conds one at a time, the unconditional rows first;
     that call holds no concept, so CLoRA uses the latest masks (none yet at the first step: every
     branch counts equally there)."""
@@ -220,10 +220,10 @@ def test_unconditional_rows_in_a_call_of_their_own(sd15, monkeypatch):
         return real(dev, torch_free_too) if torch_free_too else 0
 
     monkeypatch.setattr(comfy.model_management, "get_free_memory", short)
-    model, positive = masker(sd15, extra_iterations=1)
+    model, positive = masker(sd15_narrow, extra_iterations=1)
     inner = Recorder()
     recorded = inner.attach(model)
-    out = ksample(recorded, (positive, negative(sd15)), steps=3)
+    out = ksample(recorded, (positive, negative(sd15_narrow)), steps=3)
     assert torch.isfinite(out).all()
     kinds = [set(c["cond_or_uncond"]) for c in inner.calls]
     assert kinds == [{1}, {0}] * 3  # really split, the unconditional rows first
@@ -235,13 +235,13 @@ def _combine(a, b):
     return host_node(host_nodes.ConditioningCombine, conditioning_1=a, conditioning_2=b)[0]
 
 
-def test_other_prompts_beside_the_maskers_keep_their_own_context_in_every_branch(sd15):
-    clip = sd15[1]
-    model, positive = masker(sd15, step_size=0.0)
+def test_other_prompts_beside_the_maskers_keep_their_own_context_in_every_branch(sd15_narrow):
+    clip = sd15_narrow[1]
+    model, positive = masker(sd15_narrow, step_size=0.0)
     other = clip.encode_from_tokens_scheduled(clip.tokenize("a red car on a road"))
     inner = Recorder()
     recorded = inner.attach(model)  # registered after CLoRA: sees the branch copies
-    ksample(recorded, (_combine(positive, other), negative(sd15)), steps=2)
+    ksample(recorded, (_combine(positive, other), negative(sd15_narrow)), steps=2)
     copies = len(runtime_of(recorded).branches.contexts)
     base, theirs = positive[0][0], other[0][0]
     kept = 0
@@ -262,15 +262,15 @@ def test_other_prompts_beside_the_maskers_keep_their_own_context_in_every_branch
     assert kept == 2  # both steps
 
 
-def test_area_prompt_beside_clora_is_refused_naming_the_fix(sd15):
-    clip = sd15[1]
-    model, positive = masker(sd15, step_size=0.0)
+def test_area_prompt_beside_clora_is_refused_naming_the_fix(sd15_narrow):
+    clip = sd15_narrow[1]
+    model, positive = masker(sd15_narrow, step_size=0.0)
     other = clip.encode_from_tokens_scheduled(clip.tokenize("a red car"))
     area = host_node(host_nodes.ConditioningSetArea, conditioning=other, width=32, height=32, x=0, y=0, strength=1.0)[0]
     with pytest.raises(CMLoRAError, match=r"CLoRA Attention Masker.*Conditioning \(Set Area\).*Conditioning \(Set Mask\)"):
-        ksample(model, (_combine(positive, area), negative(sd15)), steps=2)
+        ksample(model, (_combine(positive, area), negative(sd15_narrow)), steps=2)
     # the failed run left the model usable
-    assert torch.isfinite(ksample(model, (positive, negative(sd15)), steps=2)).all()
+    assert torch.isfinite(ksample(model, (positive, negative(sd15_narrow)), steps=2)).all()
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +288,10 @@ def inpainting(models_dir):
 def test_clora_on_an_inpainting_checkpoint_updates_only_the_latent_channels(inpainting):
     model, clip, vae = inpainting
     assert model.model.diffusion_model.in_channels == 9
-    masked, positive = masker((model, clip, vae), extra_iterations=1)
+    # LoRAs at the checkpoint's width (the masker's usual ones are the narrow twin's)
+    wide = stack({"lora_name": "test_kohya.safetensors", "category": "character", "concept": "cat", "trigger": "sks"},
+                 {"lora_name": "test_peft.safetensors", "category": "object", "concept": "dog", "trigger": "zwx"})
+    masked, positive = masker((model, clip, vae), st=wide, extra_iterations=1)
     pixels = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 16:48] = 1.0
@@ -348,12 +351,12 @@ def test_sdxl_loss_passes_read_the_prompts_adm_vector(sdxl):
         assert all(torch.allclose(row.float(), prompt_y.float(), atol=1e-3) for row in y)
 
 
-def test_trigger_words_join_their_concepts_group(sd15):
+def test_trigger_words_join_their_concepts_group(sd15_narrow):
     from comfyui_cmlora.nodes.clora_nodes import build_branches
 
-    clip = sd15[1]
-    st = stack({"lora_name": "test_kohya.safetensors", "concept": "cat", "trigger": "sks", "category": "character"},
-               {"lora_name": "test_peft.safetensors", "concept": "dog", "trigger": "fluffy", "category": "object"})
+    clip = sd15_narrow[1]
+    st = stack({"lora_name": "test_kohya_narrow.safetensors", "concept": "cat", "trigger": "sks", "category": "character"},
+               {"lora_name": "test_peft_narrow.safetensors", "concept": "dog", "trigger": "fluffy", "category": "object"})
     from comfyui_cmlora.cmlora_core.stack import require_model_entries
 
     entries = list(require_model_entries(st, "test"))
@@ -366,38 +369,38 @@ def test_trigger_words_join_their_concepts_group(sd15):
     assert tokens[2] == {0: [2], 1: [5, 6]}
 
 
-def test_attention_both_enters_the_loss(sd15):
+def test_attention_both_enters_the_loss(sd15_narrow):
     losses = {}
     for attention in ("conditional", "both"):
-        model, positive = masker(sd15, extra_iterations=1, attention=attention)
-        ksample(model, (positive, negative(sd15)), steps=2, seed=9)
+        model, positive = masker(sd15_narrow, extra_iterations=1, attention=attention)
+        ksample(model, (positive, negative(sd15_narrow)), steps=2, seed=9)
         losses[attention] = runtime_of(model).last_clora.losses[0][0]
     assert losses["conditional"] != pytest.approx(losses["both"], rel=1e-4)
 
 
-def test_style_inside_chosen_subjects_only(sd15):
-    st = stack({"lora_name": "test_kohya.safetensors", "concept": "cat", "trigger": "sks", "category": "character"},
-               {"lora_name": "test_peft.safetensors", "concept": "dog", "trigger": "zwx", "category": "object"},
-               {"lora_name": "test_locon.safetensors", "category": "style", "strength_model": 0.7})
-    model, _ = masker(sd15, st=st, style_scope="subjects", style_subjects="dog")
+def test_style_inside_chosen_subjects_only(sd15_narrow):
+    st = stack({"lora_name": "test_kohya_narrow.safetensors", "concept": "cat", "trigger": "sks", "category": "character"},
+               {"lora_name": "test_peft_narrow.safetensors", "concept": "dog", "trigger": "zwx", "category": "object"},
+               {"lora_name": "test_locon_narrow.safetensors", "category": "style", "strength_model": 0.7})
+    model, _ = masker(sd15_narrow, st=st, style_scope="subjects", style_subjects="dog")
     routing = runtime_of(model).branch_routing(2, 3)
     # by hand: copy 0 base (rows 0-1), copy 1 cat (rows 2-3), copy 2 dog (rows 4-5); style (LoRA 2) with the dog only
     assert sorted((r.lora, r.start, r.stop, r.weight) for r in routing.routes) == \
         [(0, 2, 4, 1.0), (1, 4, 6, 1.0), (2, 4, 6, 0.7)]
-    everywhere, _ = masker(sd15, st=st, style_scope="subjects")
+    everywhere, _ = masker(sd15_narrow, st=st, style_scope="subjects")
     assert sorted((r.lora, r.start, r.stop) for r in runtime_of(everywhere).branch_routing(2, 3).routes) == \
         [(0, 2, 4), (1, 4, 6), (2, 2, 4), (2, 4, 6)]
     with pytest.raises(CMLoRAError, match="style_subjects.*'bird' is not the concept"):
-        masker(sd15, st=st, style_scope="subjects", style_subjects="bird")
+        masker(sd15_narrow, st=st, style_scope="subjects", style_subjects="bird")
     with pytest.raises(CMLoRAError, match="style_scope"):
-        masker(sd15, st=st, style_scope="global", style_subjects="dog")
+        masker(sd15_narrow, st=st, style_scope="global", style_subjects="dog")
 
 
-def test_mask_morphology_applies_3x3_to_each_subjects_mask(sd15):
+def test_mask_morphology_applies_3x3_to_each_subjects_mask(sd15_narrow):
     masks = {}
     for op in ("none", "dilate"):
-        model, positive = masker(sd15, step_size=0.0, mask_morphology=op, mask_threshold=0.99)
-        ksample(model, (positive, negative(sd15)), steps=1, seed=4)
+        model, positive = masker(sd15_narrow, step_size=0.0, mask_morphology=op, mask_threshold=0.99)
+        ksample(model, (positive, negative(sd15_narrow)), steps=1, seed=4)
         masks[op] = runtime_of(model).last_clora.masks[0]
     assert torch.equal(masks["dilate"], morphology(masks["none"], "dilate"))
     assert not torch.equal(masks["dilate"], masks["none"])
@@ -419,7 +422,7 @@ def _reference_nt_xent(items, concept, temperature=0.5):
     return sum(pairs) / len(pairs)
 
 
-def test_attention_both_loss_is_the_mean_of_conditional_and_unconditional_maps(sd15):
+def test_attention_both_loss_is_the_mean_of_conditional_and_unconditional_maps(sd15_narrow):
     """The first loss of a run with attention 'both', recomputed here: each branch's LoraLoader model
     on the sampler's first input with the branch prompt and the negative prompt, maps captured by a
     plain attn2 patch, averaged over heads, layers and the two prompts, then NT-Xent by loops."""
@@ -428,9 +431,9 @@ def test_attention_both_loss_is_the_mean_of_conditional_and_unconditional_maps(s
     from test_clora import CAT, DOG, STYLE
 
     outer = Recorder()
-    base = outer.attach(sd15[0])
-    model, positive = masker((base, *sd15[1:]), extra_iterations=0, attention="both")
-    neg = negative(sd15)
+    base = outer.attach(sd15_narrow[0])
+    model, positive = masker((base, *sd15_narrow[1:]), extra_iterations=0, attention="both")
+    neg = negative(sd15_narrow)
     ksample(model, (positive, neg), steps=2, seed=9)
     runtime = runtime_of(model)
     ours = runtime.last_clora.losses[0][0]
@@ -440,7 +443,7 @@ def test_attention_both_loss_is_the_mean_of_conditional_and_unconditional_maps(s
     targets = set(runtime.layers)
     per_branch = []
     for p, extra in enumerate([[], [(CAT, 1.0)], [(DOG, 1.0)]]):
-        branch_model = lora_loader(sd15[0], (STYLE, 1.0), *extra)
+        branch_model = lora_loader(sd15_narrow[0], (STYLE, 1.0), *extra)
         maps = []
 
         def capture(q, k, v, extra_options, maps=maps):

@@ -13,11 +13,11 @@ from _util import Recorder, apply, diffusion_out, digests, ksample, lora_loader,
 from comfyui_cmlora.cmlora_core.steps import switch_active
 from comfyui_cmlora.nodes.runtime import runtime_of
 
-A, B, C = "test_kohya.safetensors", "test_locon.safetensors", "test_peft.safetensors"
+A, B, C = "test_kohya_narrow.safetensors", "test_locon_narrow.safetensors", "test_peft_narrow.safetensors"
 
 
-def test_merge_equals_chained_lora_loader(sd15, conds):
-    model = sd15[0]
+def test_merge_equals_chained_lora_loader(sd15_narrow, conds):
+    model = sd15_narrow[0]
     ours = ksample(apply(model, stack((A, 0.8), (B, 0.6)), "merge"), conds)
     ref = ksample(lora_loader(model, (A, 0.8), (B, 0.6)), conds)
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
@@ -25,8 +25,8 @@ def test_merge_equals_chained_lora_loader(sd15, conds):
     assert not torch.allclose(ours, ksample(model, conds), atol=1e-3)
 
 
-def test_switch_single_lora_equals_lora_loader(sd15, conds):
-    model = sd15[0]
+def test_switch_single_lora_equals_lora_loader(sd15_narrow, conds):
+    model = sd15_narrow[0]
     ours = ksample(apply(model, stack((A, 0.9)), "switch", interval=2), conds, steps=4)
     ref = ksample(lora_loader(model, (A, 0.9)), conds, steps=4)
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
@@ -45,8 +45,8 @@ def _check_switch_calls(model, rec, loras, strengths, interval, sample_sigmas):
         assert all(not torch.allclose(call["out"], o, atol=1e-3) for o in others)
 
 
-def test_switch_follows_rule_at_every_step(sd15, conds):
-    model = sd15[0]
+def test_switch_follows_rule_at_every_step(sd15_narrow, conds):
+    model = sd15_narrow[0]
     loras, strengths, interval, steps = [A, B, C], [1.0, 0.8, 1.0], 2, 7
     patched = apply(model, stack(*zip(loras, strengths)), "switch", interval=interval)
     rec = Recorder()
@@ -61,9 +61,9 @@ def test_switch_follows_rule_at_every_step(sd15, conds):
     _check_switch_calls(model, rec, loras, strengths, interval, sigmas)
 
 
-def test_switch_under_ksampler_advanced_start_step(sd15, conds):
+def test_switch_under_ksampler_advanced_start_step(sd15_narrow, conds):
     """The step index counts the steps of the run's (sliced) schedule."""
-    model = sd15[0]
+    model = sd15_narrow[0]
     loras, interval = [A, B], 1
     patched = apply(model, stack((A, 1.0), (B, 1.0)), "switch", interval=interval)
     rec = Recorder()
@@ -79,11 +79,11 @@ def test_switch_under_ksampler_advanced_start_step(sd15, conds):
     _check_switch_calls(model, rec, loras, [1.0, 1.0], interval, sliced)
 
 
-def test_switch_multi_evaluation_sampler(sd15, conds, sampler="heun"):
+def test_switch_multi_evaluation_sampler(sd15_narrow, conds, sampler="heun"):
     """Heun evaluates twice per step, the second time at the next schedule point; both evaluations
     of a step use that step's LoRA. (Heun++ looks two points ahead, which a one-step reference run
     cannot reproduce; its evaluation order is checked in tests/core.)"""
-    model = sd15[0]
+    model = sd15_narrow[0]
     loras, interval, steps = [A, B], 1, 4
     patched = apply(model, stack((A, 1.0), (B, 1.0)), "switch", interval=interval)
     ours = ksample(patched, conds, steps=steps, sampler=sampler)
@@ -99,8 +99,8 @@ def test_switch_multi_evaluation_sampler(sd15, conds, sampler="heun"):
 
 
 @pytest.mark.parametrize("cfg,batch", [(5.0, 1), (1.0, 1), (5.0, 2)])
-def test_composite_is_mean_of_lora_loader_predictions_in_one_call(sd15, conds, cfg, batch):
-    model = sd15[0]
+def test_composite_is_mean_of_lora_loader_predictions_in_one_call(sd15_narrow, conds, cfg, batch):
+    model = sd15_narrow[0]
     loras, strengths = [A, B, C], [1.0, 0.7, 0.9]
     outer = Recorder()
     inner = Recorder()
@@ -119,8 +119,8 @@ def test_composite_is_mean_of_lora_loader_predictions_in_one_call(sd15, conds, c
         assert torch.allclose(call["out"], expected, atol=1e-4), (call["out"] - expected).abs().max()
 
 
-def test_base_model_unaffected_and_bit_identical_after_runs(sd15, conds):
-    model = sd15[0]
+def test_base_model_unaffected_and_bit_identical_after_runs(sd15_narrow, conds):
+    model = sd15_narrow[0]
     before = ksample(model, conds, steps=3)
     sd_before = digests(model.model.diffusion_model.state_dict())
     for method in ("switch", "composite", "merge"):
@@ -131,8 +131,8 @@ def test_base_model_unaffected_and_bit_identical_after_runs(sd15, conds):
 
 
 @pytest.mark.parametrize("method", ["switch", "composite"])
-def test_interrupted_run_leaves_model_as_it_was(sd15, conds, method):
-    model = sd15[0]
+def test_interrupted_run_leaves_model_as_it_was(sd15_narrow, conds, method):
+    model = sd15_narrow[0]
     before = ksample(model, conds, steps=3)
     patched = apply(model, stack((A, 1.0), (B, 1.0)), method, interval=1)
 
@@ -150,11 +150,11 @@ def test_interrupted_run_leaves_model_as_it_was(sd15, conds, method):
     assert torch.isfinite(again).all()
 
 
-def test_sampler_custom_advanced_runs_the_same_composite(sd15, conds):
+def test_sampler_custom_advanced_runs_the_same_composite(sd15_narrow, conds):
     """SamplerCustomAdvanced (guider + sigmas) gives what KSampler gives, same seed."""
     from comfy_extras import nodes_custom_sampler as cs
 
-    model = sd15[0]
+    model = sd15_narrow[0]
     patched = apply(model, stack((A, 1.0), (B, 0.5)), "composite")
     pos, neg = conds
     guider = cs.CFGGuider.execute(patched, pos, neg, 5.0).args[0]

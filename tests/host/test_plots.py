@@ -14,7 +14,7 @@ from comfyui_cmlora.nodes.cmlora_nodes import SchedulerNode
 from comfyui_cmlora.nodes.plots import (PALETTE, PALETTE_NAMES, PAPER, draw_mask_legend, fit, mask_legend,
                                         profile_plot, profile_rows, set_lines, step_sets, timeline_plot)
 
-A, B, C = "test_kohya.safetensors", "test_locon.safetensors", "test_peft.safetensors"
+A, B, C = "test_kohya_narrow.safetensors", "test_locon_narrow.safetensors", "test_peft_narrow.safetensors"
 LONG = "an_extremely_long_lora_file_name_" * 6 + ".safetensors"
 
 
@@ -119,8 +119,8 @@ def test_mask_legend_labels_each_colour():
     assert torch.equal(draw_mask_legend(small, labels), small)  # too small to hold text: left as it is
 
 
-def test_clora_masks_node_names_the_colours(sd15):
-    model, clip, vae = sd15
+def test_clora_masks_node_names_the_colours(sd15_narrow):
+    model, clip, vae = sd15_narrow
     st = stack({"lora_name": A, "category": "character", "concept": "cat"},
                {"lora_name": C, "category": "object", "concept": "dog"})
     patched, positive = AttentionMasker.execute(
@@ -132,7 +132,7 @@ def test_clora_masks_node_names_the_colours(sd15):
     result = MaskOutput.execute(model=patched, samples={"samples": out}, step=-1, image=image)
     masks, overlay = result.args
     text = result.ui.as_dict()["text"][0]
-    assert text == "Overlay colours: red: cat (test_kohya); blue: dog (test_peft)"
+    assert text == "Overlay colours: red: cat (test_kohya_narrow); blue: dog (test_peft_narrow)"
     # the overlay is the tinted image with a legend box in its lower left holding both swatches
     assert overlay.shape == (1, 256, 256, 3) and masks.shape == (2, 256, 256)
     tinted = _overlay(masks.reshape(2, 1, 256, 256), image)

@@ -13,7 +13,7 @@ from _util import Recorder, apply, diffusion_out, ksample, lora_loader, stack
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.runtime import runtime_of
 
-A, B, C = "test_kohya.safetensors", "test_locon.safetensors", "test_peft.safetensors"
+A, B, C = "test_kohya_narrow.safetensors", "test_locon_narrow.safetensors", "test_peft_narrow.safetensors"
 SIZE = 64  # image pixels of the 8x8 latent
 
 
@@ -33,8 +33,8 @@ def recorded_run(model, st, conds, steps=2):
 
 
 @pytest.mark.parametrize("others", [[], [(B, 0.8)]])
-def test_inside_the_mask_the_loras_prediction_outside_the_rest(sd15, conds, others):
-    model = sd15[0]
+def test_inside_the_mask_the_loras_prediction_outside_the_rest(sd15_narrow, conds, others):
+    model = sd15_narrow[0]
     st = stack({"lora_name": A, "strength_model": 1.0, "mask": left_half(), "mask_feather": 0}, *others)
     patched, calls = recorded_run(model, st, conds)
     inside, outside = lora_loader(model, (A, 1.0)), lora_loader(model, *others) if others else model
@@ -48,11 +48,11 @@ def test_inside_the_mask_the_loras_prediction_outside_the_rest(sd15, conds, othe
     assert set(trace.call_rows) == {2 * len(calls[0]["x"])}  # one forward: the rest and A's region
 
 
-def test_feathered_edge_blends_over_the_feather_band(sd15, conds):
+def test_feathered_edge_blends_over_the_feather_band(sd15_narrow, conds):
     """The default feather, 16 pixels: a band from 8 pixels inside the edge (mask column 24) to 8 outside
     (column 40), where a 17-wide box over the edge covers 40 - x mask pixels at column x. Each latent
     column averages 8 of them: columns 0-2 are A's, 5-7 B's, 3 and 4 blend (12.5/17 and 4.5/17)."""
-    model = sd15[0]
+    model = sd15_narrow[0]
     st = stack({"lora_name": A, "strength_model": 1.0, "mask": left_half(), "mask_feather": 16}, (B, 0.8))
     _, calls = recorded_run(model, st, conds, steps=1)
     w = torch.tensor([1, 1, 1, 12.5 / 17, 4.5 / 17, 0, 0, 0])  # by hand, per latent column
@@ -63,9 +63,9 @@ def test_feathered_edge_blends_over_the_feather_band(sd15, conds):
         assert torch.allclose(call["out"], expected, atol=1e-4), (call["out"] - expected).abs().max()
 
 
-def test_a_masked_lora_off_at_a_step_leaves_its_region_to_the_rest(sd15, conds):
+def test_a_masked_lora_off_at_a_step_leaves_its_region_to_the_rest(sd15_narrow, conds):
     """A (masked) fades from 1 to 0 over two steps: at 0 on the second it is off, and the whole image is B's."""
-    model = sd15[0]
+    model = sd15_narrow[0]
     st = stack({"lora_name": A, "mask": left_half(), "mask_feather": 0, "strength_curve": "linear",
                 "strength_model_end": 0.0}, (B, 0.8))
     patched, calls = recorded_run(model, st, conds, steps=2)
@@ -78,10 +78,10 @@ def test_a_masked_lora_off_at_a_step_leaves_its_region_to_the_rest(sd15, conds):
     assert runtime_of(patched).last_trace.call_rows[-1] == len(second[-1]["x"])  # one copy: no region left
 
 
-def test_a_mask_of_another_shape_is_refused(sd15, conds):
+def test_a_mask_of_another_shape_is_refused(sd15_narrow, conds):
     """A square mask on a 64x96 image would be stretched: refused naming the stack's mask input, before
     the model is called at all."""
-    model = sd15[0]
+    model = sd15_narrow[0]
     before = ksample(model, conds, steps=1)
     rec = Recorder()
     patched = apply(rec.attach(model), stack({"lora_name": A, "mask": left_half()}, (B, 0.8)), "regions")
@@ -95,8 +95,8 @@ def test_a_mask_of_another_shape_is_refused(sd15, conds):
     assert torch.equal(ksample(model, conds, steps=1), before)  # the failed run left the model as it was
 
 
-def test_overlapping_masks_share_the_pixel(sd15, conds):
-    model = sd15[0]
+def test_overlapping_masks_share_the_pixel(sd15_narrow, conds):
+    model = sd15_narrow[0]
     full = torch.ones(1, SIZE, SIZE)
     st = stack({"lora_name": A, "mask": full, "mask_feather": 0}, {"lora_name": C, "mask": left_half(), "mask_feather": 0})
     _, calls = recorded_run(model, st, conds, steps=1)
@@ -107,8 +107,8 @@ def test_overlapping_masks_share_the_pixel(sd15, conds):
         assert torch.allclose(call["out"][..., 4:], pa[..., 4:], atol=1e-4)
 
 
-def test_masks_need_method_regions_and_regions_need_masks(sd15):
-    model = sd15[0]
+def test_masks_need_method_regions_and_regions_need_masks(sd15_narrow):
+    model = sd15_narrow[0]
     masked = stack({"lora_name": A, "mask": left_half()}, (B, 1.0))
     for method in ("merge", "composite", "switch"):
         with pytest.raises(CMLoRAError) as e:
@@ -125,22 +125,22 @@ def test_masks_need_method_regions_and_regions_need_masks(sd15):
         assert "'mask'" in str(e.value) and words in str(e.value)
 
 
-def test_regions_leave_the_base_model_as_it_was(sd15, conds):
-    model = sd15[0]
+def test_regions_leave_the_base_model_as_it_was(sd15_narrow, conds):
+    model = sd15_narrow[0]
     before = ksample(model, conds)
     recorded_run(model, stack({"lora_name": A, "mask": left_half()}, (B, 0.8)), conds)
     assert torch.equal(ksample(model, conds), before)
 
 
 @pytest.mark.parametrize("how", ["set area", "set mask bounds"])
-def test_regions_under_an_area_prompt_lie_where_they_were_drawn(sd15, conds, how):
+def test_regions_under_an_area_prompt_lie_where_they_were_drawn(sd15_narrow, conds, how):
     """The prompt on the left half of a 128-pixel image (Conditioning (Set Area), or Set Mask with 'mask
     bounds'; the host makes such an area at least 8 latent cells wide): the host feeds the model that half
     alone. A's mask is the right half, so on that crop the prediction is the base model's; on the
     full-image call (the negative prompt) A's is on the right half only."""
     import nodes as host_nodes
 
-    model = sd15[0]
+    model = sd15_narrow[0]
     pos, neg = conds
     left = torch.zeros(1, 128, 128)
     left[..., :64] = 1.0

@@ -19,7 +19,7 @@ from comfyui_cmlora.nodes.clora_nodes import AttentionMasker
 from comfyui_cmlora.nodes.cmlora_nodes import SchedulerNode
 from comfyui_cmlora.nodes.runtime import runtime_of
 
-A, B = "test_kohya.safetensors", "test_locon.safetensors"
+A, B = "test_kohya_narrow.safetensors", "test_locon_narrow.safetensors"
 STEPS = 6
 
 
@@ -37,8 +37,8 @@ def patched(model, st, method, interval=1):
 
 
 @pytest.mark.parametrize("method", ["merge", "switch", "composite"])
-def test_lora_on_the_first_half_equals_lora_loader_then_the_base_model(sd15, conds, method):
-    model = sd15[0]
+def test_lora_on_the_first_half_equals_lora_loader_then_the_base_model(sd15_narrow, conds, method):
+    model = sd15_narrow[0]
     ours_model = patched(model, stack(entry(A, 0.9, end_at=0.5)), method)
     ours = ksample(ours_model, conds, steps=STEPS)
     # the references, computed once for the three methods
@@ -55,8 +55,8 @@ def test_lora_on_the_first_half_equals_lora_loader_then_the_base_model(sd15, con
 
 @pytest.mark.parametrize("method", ["merge", "composite", "switch"])
 @pytest.mark.parametrize("curve", ["linear", "smooth"])
-def test_strength_curve_equals_lora_loader_at_each_steps_strength(sd15, conds, method, curve):
-    model = sd15[0]
+def test_strength_curve_equals_lora_loader_at_each_steps_strength(sd15_narrow, conds, method, curve):
+    model = sd15_narrow[0]
     st = stack(entry(A, 1.2, strength_curve=curve, strength_model_end=0.2, start_at=1 / 6))
     ours = ksample(patched(model, st, method), conds, steps=STEPS)
     # by hand: the normal scheduler starts step i at place p = i / 5 on the noise level; the range [1/6, 1)
@@ -73,10 +73,10 @@ def test_strength_curve_equals_lora_loader_at_each_steps_strength(sd15, conds, m
     assert not torch.allclose(ours, constant, atol=1e-3)
 
 
-def test_cmlora_composes_only_the_loras_on_at_each_step(sd15, conds):
+def test_cmlora_composes_only_the_loras_on_at_each_step(sd15_narrow, conds):
     """A on the first half, B on the second: at every step one LoRA is on, so CMLoRA leads with it at
     weight 1 and runs no pass of the other; the image is LoraLoader A's for three steps, then B's."""
-    model = sd15[0]
+    model = sd15_narrow[0]
     p = patched(model, stack(entry(A, end_at=0.5), entry(B, 0.8, start_at=0.5)), "cmlora")
     ours = ksample(p, conds, steps=STEPS)
     trace = runtime_of(p).last_trace
@@ -87,10 +87,10 @@ def test_cmlora_composes_only_the_loras_on_at_each_step(sd15, conds):
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
 
 
-def test_a_fade_in_from_zero_is_applied(sd15, conds):
+def test_a_fade_in_from_zero_is_applied(sd15_narrow, conds):
     """Strength 0 ramping linearly to 1 (strength_model 0 and strength_model_end 1): on at every step
     but the first, at 0.2, 0.4, 0.6, 0.8 and 1."""
-    model = sd15[0]
+    model = sd15_narrow[0]
     p = patched(model, stack(entry(A, 0.0, strength_curve="linear", strength_model_end=1.0)), "merge")
     ours = ksample(p, conds, steps=STEPS)
     models = [model] + [lora_loader(model, (A, s)) for s in (0.2, 0.4, 0.6, 0.8, 1.0)]
@@ -98,10 +98,10 @@ def test_a_fade_in_from_zero_is_applied(sd15, conds):
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
 
 
-def test_switch_gives_a_lora_that_comes_on_whole_turns(sd15, conds):
+def test_switch_gives_a_lora_that_comes_on_whole_turns(sd15_narrow, conds):
     """A throughout, B on the second half of 10 steps, interval 3: turns start at steps 0, 3, 6 and 9;
     B is off at 3, so its first turn is 6-8, whole: A A A A A A B B B A."""
-    model = sd15[0]
+    model = sd15_narrow[0]
     p = patched(model, stack(entry(A), entry(B, 0.8, start_at=0.5)), "switch", interval=3)
     ours = ksample(p, conds, steps=10)
     trace = runtime_of(p).last_trace
@@ -111,9 +111,9 @@ def test_switch_gives_a_lora_that_comes_on_whole_turns(sd15, conds):
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
 
 
-def test_switch_rotates_through_the_loras_on_at_each_step(sd15, conds):
+def test_switch_rotates_through_the_loras_on_at_each_step(sd15_narrow, conds):
     """A on the first half, B on the second: switch with interval 1 gives A, A, A, B, B, B."""
-    model = sd15[0]
+    model = sd15_narrow[0]
     st = stack(entry(A, end_at=0.5), entry(B, 0.8, start_at=0.5))
     p = patched(model, st, "switch", interval=1)
     ours = ksample(p, conds, steps=STEPS)
@@ -124,8 +124,8 @@ def test_switch_rotates_through_the_loras_on_at_each_step(sd15, conds):
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
 
 
-def test_two_loras_merged_with_ranges_equal_lora_loader_chains_per_step(sd15, conds):
-    model = sd15[0]
+def test_two_loras_merged_with_ranges_equal_lora_loader_chains_per_step(sd15_narrow, conds):
+    model = sd15_narrow[0]
     st = stack(entry(A, 0.7, end_at=2 / 3), entry(B, 0.9, start_at=1 / 3))
     ours = ksample(patched(model, st, "merge"), conds, steps=STEPS)
     a, ab, b = lora_loader(model, (A, 0.7)), lora_loader(model, (A, 0.7), (B, 0.9)), lora_loader(model, (B, 0.9))
@@ -133,14 +133,14 @@ def test_two_loras_merged_with_ranges_equal_lora_loader_chains_per_step(sd15, co
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
 
 
-def test_plain_stack_keeps_the_hosts_merge(sd15):
+def test_plain_stack_keeps_the_hosts_merge(sd15_narrow):
     """Without a range or curve, merge is the host's own patches (no runtime), as before."""
-    p = apply(sd15[0], stack(entry(A)), "merge")
+    p = apply(sd15_narrow[0], stack(entry(A)), "merge")
     assert runtime_of(p) is None and len(p.patches) > 0
 
 
-def test_a_range_with_no_step_is_reported_and_bad_ranges_are_refused(sd15, conds):
-    model = sd15[0]
+def test_a_range_with_no_step_is_reported_and_bad_ranges_are_refused(sd15_narrow, conds):
+    model = sd15_narrow[0]
     p = patched(model, stack(entry(A, start_at=0.9, end_at=0.95)), "composite")
     out = ksample(p, conds, steps=4)  # on no step of a 4-step run: the base model, said in the report
     assert torch.allclose(out, ksample(model, conds, steps=4), atol=1e-5)
@@ -176,11 +176,11 @@ def _masked_left():
 
 
 @pytest.mark.parametrize("method", ["merge", "composite", "switch", "regions"])
-def test_two_ksampler_advanced_passes_equal_one_run(sd15, conds, method):
+def test_two_ksampler_advanced_passes_equal_one_run(sd15_narrow, conds, method):
     """A refiner-style split (steps 0-2 with the noise left, then 3-7) samples what one run does: ranges
     and curves are measured on the noise level and switch's turns carry on into the second pass. The
     cut falls inside A's range and inside a switch turn, so counting steps per pass would differ."""
-    model = sd15[0]
+    model = sd15_narrow[0]
     plain_one, plain_two = once(("plain split", 8, 3), lambda: _one_and_two_passes(model, conds))
     own = (plain_one - plain_two).abs().max().item()  # the host's own difference between the two ways
     first = {"lora_name": A, "strength_model": 1.0, "end_at": 0.6}
@@ -193,10 +193,10 @@ def test_two_ksampler_advanced_passes_equal_one_run(sd15, conds, method):
 
 
 @pytest.mark.parametrize("method", ["cmlora", "clora"])
-def test_cmlora_and_clora_refuse_a_pass_that_leaves_noise_for_another(sd15, conds, method):
+def test_cmlora_and_clora_refuse_a_pass_that_leaves_noise_for_another(sd15_narrow, conds, method):
     """Their schedules (dominant turns, cache refreshes, latent updates) are planned over one run's steps,
     which a pass that stops with noise left cannot know: a clear error, and the model as it was."""
-    model, clip, _ = sd15
+    model, clip, _ = sd15_narrow
     if method == "cmlora":
         p, run_conds = patched(model, stack(entry(A), entry(B, 0.8)), "cmlora"), conds
     else:
