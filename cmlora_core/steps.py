@@ -12,6 +12,17 @@ import math
 import torch
 
 
+# Two noise levels closer than this (relative) are one: sigmas pass through float32 conversions on
+# their way to the model, so a step's sigma seen in a model call, a range's boundary computed by the
+# model's percent_to_sigma and a schedule point may differ by that rounding.
+SIGMA_TOLERANCE = 1e-5
+
+
+def same_sigma(a: float, b: float) -> bool:
+    """Whether noise levels ``a`` and ``b`` are one, to float32 rounding (relative to ``b``, at least 1)."""
+    return abs(a - b) <= SIGMA_TOLERANCE * max(1.0, abs(b))
+
+
 def step_index(sample_sigmas, sigma) -> int:
     """Index i of the step an evaluation at ``sigma`` belongs to, 0 <= i < T.
 
@@ -26,8 +37,7 @@ def step_index(sample_sigmas, sigma) -> int:
     points = points[:-1]
     if not points:
         return 0
-    # tolerance: sigmas pass through float32 conversions on the way to the model
-    threshold = sig * (1 - 1e-5) - 1e-8
+    threshold = sig * (1 - SIGMA_TOLERANCE) - 1e-8
     count = sum(1 for p in points if p >= threshold)
     return max(0, min(len(points) - 1, count - 1))
 
@@ -126,10 +136,6 @@ def composite_weights(n: int) -> list[float]:
 
 CURVES = ("constant", "linear", "smooth")
 
-# a step whose noise level is a range's boundary (to float32 rounding) belongs to the range starting there
-_SIGMA_TOLERANCE = 1e-5
-
-
 class NoiseSteps:
     """The steps of one sampler pass, placed on the noise level.
 
@@ -190,7 +196,8 @@ class NoiseSteps:
 
 
 def _at_or_below(sigma: float, bound: float) -> bool:
-    return sigma <= bound * (1 + _SIGMA_TOLERANCE) + 1e-12
+    """A step whose noise level is a range's boundary (to float32 rounding) belongs to the range starting there."""
+    return sigma <= bound * (1 + SIGMA_TOLERANCE) + 1e-12
 
 
 def curve_strength(strength: float, strength_end: float, curve: str, position: float, start: float, end: float) -> float:

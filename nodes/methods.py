@@ -29,7 +29,7 @@ import torch
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.regions import MaskShapeError, combine_regions, latent_mask, region_weights
 from ..cmlora_core.routing import Route, Routing, combine_copies
-from ..cmlora_core.steps import SwitchTurns, composite_weights
+from ..cmlora_core.steps import SwitchTurns, composite_weights, same_sigma
 from . import host
 from .cmlora_runtime import CMLoRARuntime
 from .loras import MappedLora
@@ -141,12 +141,12 @@ class SwitchRuntime(Runtime):
         """The LoRA active at each step of the run (``SwitchTurns`` over the LoRAs on at each step),
         continuing the turns of a pass that stopped where this one starts."""
         first, last = self._sigmas[0], self._sigmas[-1]
-        state = next((st for at, st in self._handoffs if abs(at - first) <= 1e-5 * max(1.0, abs(at))), None)
+        state = next((st for at, st in self._handoffs if same_sigma(first, at)), None)
         turns = SwitchTurns(self.interval, len(self.loras), state)
         every = set(range(len(self.loras)))
         self._turns = [turns.take(on_s) for on_s in (self.on_sets() or [every] * len(noise))]
         if last > 0:  # noise is left: a later pass may continue from here
-            self._handoffs[:] = [h for h in self._handoffs if abs(h[0] - last) > 1e-5 * max(1.0, last)][-7:]
+            self._handoffs[:] = [h for h in self._handoffs if not same_sigma(h[0], last)][-7:]
             self._handoffs.append((last, turns.state))
 
     def model_call(self, executor, call: ModelCall, step: int):

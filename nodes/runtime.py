@@ -33,7 +33,7 @@ import torch
 
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import strength_table
-from ..cmlora_core.steps import NoiseSteps, StepClock, num_steps, step_index
+from ..cmlora_core.steps import NoiseSteps, StepClock, num_steps, same_sigma, step_index
 from . import host
 from .loras import MappedLora
 from .routed import ModelCall, RoutedLoras
@@ -312,7 +312,7 @@ class Runtime:
                               "sample with KSampler, KSamplerAdvanced or SamplerCustomAdvanced.")
         sigmas = self.run_sigmas(options["sample_sigmas"])
         sig = float((options["sigmas"] if sigma is None else sigma).reshape(-1)[0])
-        if self._evaluation is not None and abs(self._evaluation[0] - sig) <= 1e-5 * max(1.0, abs(sig)):
+        if self._evaluation is not None and same_sigma(self._evaluation[0], sig):
             return self._evaluation[1]
         return step_index(sigmas, sig)
 
