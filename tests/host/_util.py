@@ -10,6 +10,7 @@ import comfy.utils
 import nodes as host_nodes
 
 from comfyui_cmlora.nodes.apply_nodes import ApplyNode
+from comfyui_cmlora.nodes.clora_nodes import AttentionMasker
 from comfyui_cmlora.nodes.stack_nodes import LoraStackNode
 
 LATENT = 8  # 64x64 images
@@ -30,6 +31,16 @@ def stack(*specs, base=None):
 
 def apply(model, st, method, interval=5):
     return ApplyNode.execute(model=model, stack=st, method=method, switch_interval=interval).args[0]
+
+
+def masks_only(model, clip, cat, dog, prompt="a cat and a dog", triggers=("", "")):
+    """(model, positive) of the CLoRA Attention Masker with two subjects, a cat (LoRA ``cat``) and a
+    dog (LoRA ``dog``): masks only, no latent updates (the cheap way to have CLoRA in a test)."""
+    st = stack({"lora_name": cat, "category": "character", "concept": "cat", "trigger": triggers[0]},
+               {"lora_name": dog, "category": "object", "concept": "dog", "trigger": triggers[1]})
+    return AttentionMasker.execute(model=model, clip=clip, stack=st, prompt=prompt, temperature=0.5, step_size=0.0,
+                                   stop_fraction=0.5, extra_iterations=0, mask_threshold=0.4,
+                                   attention="conditional", style_scope="global").args
 
 
 def lora_loader(model, *specs):

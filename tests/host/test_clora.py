@@ -23,16 +23,16 @@ def subjects(style=True, cat="cat", dog="dog"):
     return stack(*specs)
 
 
-def masker(sd15_narrow, st=None, prompt=PROMPT, **kw):
-    model, clip, _ = sd15_narrow
+def masker(models, st=None, prompt=PROMPT, **kw):
+    model, clip, _ = models
     args = dict(temperature=0.5, step_size=20.0, stop_fraction=0.5, extra_iterations=2, mask_threshold=0.4,
                 attention="conditional", style_scope="global")
     args.update(kw)
     return AttentionMasker.execute(model=model, clip=clip, stack=st or subjects(), prompt=prompt, **args).args
 
 
-def negative(sd15_narrow):
-    clip = sd15_narrow[1]
+def negative(models):
+    clip = models[1]
     return clip.encode_from_tokens_scheduled(clip.tokenize(""))
 
 

@@ -30,9 +30,9 @@ def at_latent(masks: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.avg_pool2d(masks[:, None], 8) >= 0.5).float()
 
 
-def run(sd15_narrow, steps=3, **kw):
-    model, positive = masker(sd15_narrow, **kw)
-    out = ksample(model, (positive, negative(sd15_narrow)), steps=steps, sampler="euler")
+def run(models, steps=3, **kw):
+    model, positive = masker(models, **kw)
+    out = ksample(model, (positive, negative(models)), steps=steps, sampler="euler")
     assert torch.isfinite(out).all()
     return model, out, runtime_of(model).last_clora
 
@@ -102,11 +102,11 @@ def _error(fn, **kw) -> str:
 
 
 def test_bad_masks_are_refused_and_leave_the_model_as_it_was(sd15_narrow, tmp_path, monkeypatch):
-    msg = _error(masker, sd15_narrow=sd15_narrow, masks=torch.ones(3, SIZE, SIZE))
+    msg = _error(masker, models=sd15_narrow, masks=torch.ones(3, SIZE, SIZE))
     assert "CLoRA Attention Masker" in msg and "'masks'" in msg and "3 mask(s)" in msg and "one mask per subject" in msg
-    msg = _error(masker, sd15_narrow=sd15_narrow, masks=halves()[:1].expand(2, -1, -1) * torch.tensor([1.0, 0.0])[:, None, None])
+    msg = _error(masker, models=sd15_narrow, masks=halves()[:1].expand(2, -1, -1) * torch.tensor([1.0, 0.0])[:, None, None])
     assert "'masks'" in msg and "dog is empty" in msg and "mask_mode 'add'" in msg
-    msg = _error(masker, sd15_narrow=sd15_narrow, mask_mode="limit")
+    msg = _error(masker, models=sd15_narrow, mask_mode="limit")
     assert "'mask_mode'" in msg and "not connected" in msg
     # a shape that fits no image of this run: refused when sampling, before any step
     model, positive = masker(sd15_narrow, masks=torch.ones(2, SIZE, 2 * SIZE))
@@ -133,7 +133,7 @@ def test_empty_and_nan_masks_long_names_and_links_out_of_the_folder_are_refused(
     nan[0, 0, 0] = float("nan")
     for bad, words in ((torch.zeros(2, 0, SIZE), "no pixels"), (nan, "not numbers")):
         for mode in ("add", "replace"):
-            msg = _error(masker, sd15_narrow=sd15_narrow, masks=bad, mask_mode=mode)
+            msg = _error(masker, models=sd15_narrow, masks=bad, mask_mode=mode)
             assert "CLoRA Attention Masker" in msg and "'masks'" in msg and words in msg, msg
         msg = _error(SaveMasks.execute, masks=bad, filename="x")
         assert "CLoRA Save Masks" in msg and "'masks'" in msg and words in msg, msg

@@ -33,10 +33,9 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.samplers
 
-from _util import Recorder, apply, digests, ksample, lora_loader, stack
+from _util import Recorder, apply, digests, ksample, lora_loader, masks_only, stack
 
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
-from comfyui_cmlora.nodes.clora_nodes import AttentionMasker
 
 A, B, C = "test_kohya_narrow.safetensors", "test_locon_narrow.safetensors", "test_peft_narrow.safetensors"
 SA, SB, SC = 0.9, 0.8, 1.0
@@ -156,15 +155,6 @@ def test_apply_merge_with_composite_is_in_every_row(sd15_narrow, conds, merge_fi
 PROMPT = "a photo of a cat and a dog in a garden"
 
 
-def _masker(model, clip):
-    """CLoRA Attention Masker on ``model`` (masks only: no latent updates, to stay cheap)."""
-    st = stack({"lora_name": A, "category": "character", "concept": "cat", "trigger": "sks"},
-               {"lora_name": C, "category": "object", "concept": "dog", "trigger": "zwx"})
-    return AttentionMasker.execute(model=model, clip=clip, stack=st, prompt=PROMPT, temperature=0.5, step_size=0.0,
-                                   stop_fraction=0.5, extra_iterations=0, mask_threshold=0.4,
-                                   attention="conditional", style_scope="global").args
-
-
 def _negative(clip):
     return clip.encode_from_tokens_scheduled(clip.tokenize("blurry"))
 
@@ -175,7 +165,7 @@ def _earlier(kind, model, clip, conds):
         return apply(model, stack((B, SB), (C, SC)), "composite"), conds
     if kind == "switch":
         return apply(model, stack((B, SB), (C, SC)), "switch", interval=1), conds
-    masked, positive = _masker(model, clip)
+    masked, positive = masks_only(model, clip, A, C, prompt=PROMPT, triggers=("sks", "zwx"))
     return masked, (positive, _negative(clip))
 
 
@@ -184,7 +174,7 @@ def _later(kind, model, clip):
         return apply(model, stack((A, SA), (B, SB)), "switch", interval=1)
     if kind == "composite":
         return apply(model, stack((A, SA), (B, SB)), "composite")
-    return _masker(model, clip)
+    return masks_only(model, clip, A, C, prompt=PROMPT, triggers=("sks", "zwx"))
 
 
 @pytest.mark.parametrize("earlier,later,earlier_name,later_name", [

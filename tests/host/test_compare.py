@@ -53,27 +53,27 @@ def schedule_for(st):
                                  dominant_full=True, preview_steps=8).args[0]
 
 
-def compare(sd15_narrow, conds, st, methods, schedule=None, size=8, batch=1, switch_interval=1, model=None, **sampling):
+def compare(models, conds, st, methods, schedule=None, size=8, batch=1, switch_interval=1, model=None, **sampling):
     pos, neg = conds
-    return CompareMethodsNode.execute(model=model or sd15_narrow[0], stack=st, positive=pos, negative=neg,
-                                      latent_image={"samples": torch.zeros(batch, 4, size, size)}, vae=sd15_narrow[2],
+    return CompareMethodsNode.execute(model=model or models[0], stack=st, positive=pos, negative=neg,
+                                      latent_image={"samples": torch.zeros(batch, 4, size, size)}, vae=models[2],
                                       methods=methods, switch_interval=switch_interval, schedule=schedule,
                                       **{**SAMPLING, **sampling})
 
 
-def alone(sd15_narrow, conds, st, method, schedule=None, size=8, batch=1):
+def alone(models, conds, st, method, schedule=None, size=8, batch=1):
     """The method run on its own: CMLoRA Sampler (the base model: the host's KSampler), then VAE Decode."""
     pos, neg = conds
     latent = {"samples": torch.zeros(batch, 4, size, size)}
     if method == "base":
-        out = host_nodes.KSampler().sample(sd15_narrow[0], SAMPLING["seed"], STEPS, SAMPLING["cfg"], "euler", "normal",
+        out = host_nodes.KSampler().sample(models[0], SAMPLING["seed"], STEPS, SAMPLING["cfg"], "euler", "normal",
                                            pos, neg, latent)[0]
         report = ""
     else:
-        out, report = SamplerNode.execute(model=sd15_narrow[0], stack=st, method=method, switch_interval=1,
+        out, report = SamplerNode.execute(model=models[0], stack=st, method=method, switch_interval=1,
                                           schedule=schedule, positive=pos, negative=neg, latent_image=latent,
                                           denoise=1.0, **SAMPLING).args
-    return host_nodes.VAEDecode().decode(sd15_narrow[2], out)[0], report
+    return host_nodes.VAEDecode().decode(models[2], out)[0], report
 
 
 def ratios(report: str) -> dict[str, float]:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from _util import ksample, stack
+from _util import ksample, masks_only, stack
 
 from comfyui_cmlora.cmlora_core.cmlora import Planner
-from comfyui_cmlora.nodes.clora_nodes import AttentionMasker, MaskOutput, _overlay
+from comfyui_cmlora.nodes.clora_nodes import MaskOutput, _overlay
 from comfyui_cmlora.nodes.cmlora_nodes import SchedulerNode
 from comfyui_cmlora.nodes.plots import (PALETTE, PALETTE_NAMES, PAPER, draw_mask_legend, fit, mask_legend,
                                         profile_plot, profile_rows, set_lines, step_sets, timeline_plot)
@@ -121,12 +121,7 @@ def test_mask_legend_labels_each_colour():
 
 def test_clora_masks_node_names_the_colours(sd15_narrow):
     model, clip, vae = sd15_narrow
-    st = stack({"lora_name": A, "category": "character", "concept": "cat"},
-               {"lora_name": C, "category": "object", "concept": "dog"})
-    patched, positive = AttentionMasker.execute(
-        model=model, clip=clip, stack=st, prompt="a cat and a dog", temperature=0.5, step_size=0.0,
-        stop_fraction=0.5, extra_iterations=0, mask_threshold=0.4, attention="conditional",
-        style_scope="global").args
+    patched, positive = masks_only(model, clip, A, C)
     out = ksample(patched, (positive, clip.encode_from_tokens_scheduled(clip.tokenize(""))), steps=2)
     image = torch.full((1, 256, 256, 3), 0.5)
     result = MaskOutput.execute(model=patched, samples={"samples": out}, step=-1, image=image)

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 import nodes as host_nodes
-from _util import apply, ksample, lora_loader, once, stack, stepwise_reference
+from _util import apply, ksample, lora_loader, masks_only, once, stack, stepwise_reference
 
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.apply_nodes import ApplyNode
-from comfyui_cmlora.nodes.clora_nodes import AttentionMasker
 from comfyui_cmlora.nodes.cmlora_nodes import SchedulerNode
 from comfyui_cmlora.nodes.runtime import runtime_of
 
@@ -200,12 +199,7 @@ def test_cmlora_and_clora_refuse_a_pass_that_leaves_noise_for_another(sd15_narro
     if method == "cmlora":
         p, run_conds = patched(model, stack(entry(A), entry(B, 0.8)), "cmlora"), conds
     else:
-        st = stack({"lora_name": A, "category": "character", "concept": "cat"},
-                   {"lora_name": B, "category": "object", "concept": "dog"})
-        p, positive = AttentionMasker.execute(
-            model=model, clip=clip, stack=st, prompt="a cat and a dog", temperature=0.5, step_size=0.0,
-            stop_fraction=0.5, extra_iterations=0, mask_threshold=0.4, attention="conditional",
-            style_scope="global").args
+        p, positive = masks_only(model, clip, A, B)
         run_conds = (positive, conds[1])
     before = once(("base advanced", 8), lambda: _advanced(model, conds, 8, 0, 10000, False)["samples"])
     with pytest.raises(CMLoRAError) as e:
