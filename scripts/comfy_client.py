@@ -108,9 +108,9 @@ class Server:
             time.sleep(poll)
         raise RuntimeError(f"prompt {pid} did not finish in {timeout} s")
 
-    def run(self, prompt: dict, timeout: float = 900) -> dict:
+    def run(self, prompt: dict, timeout: float = 900, poll: float = 0.5) -> dict:
         """Queue an API-format prompt and wait for its history entry; raise on failure."""
-        kind, result = self.outcome(prompt, timeout)
+        kind, result = self.outcome(prompt, timeout, poll)
         if kind == "rejected":
             raise RuntimeError(f"POST /prompt failed (400): {json.dumps(result)}")
         if kind == "error":

@@ -12,12 +12,14 @@ in frontends 1.32.9 and 1.49.6). Then:
     shows that text on the node: in one of its widgets and in what the page draws (the node's element
     in Nodes 2.0, the widget's DOM textarea in the classic view).
 
-One page per workflow, to run each example once (a CPU run is the slow part): the page starts in
-Nodes 2.0, runs the example and checks the reports arriving live; then switches to the classic view
-with the frontend's own setting (the reports must still show), loads the workflow again and queues it
-from there (the server answers from its cache, so this second run is about the prompt the classic
-view builds). The two frontend versions differ: features are detected in the page, versions are
-never compared.
+Each example runs once (a CPU run is the slow part), in one page that the examples share, loaded one
+after another as an artist opens workflows (a page is reopened after an example that failed, so a
+broken page never spills into the next). For each: the view is set to Nodes 2.0 (the page starts
+there; later examples switch back to it with the frontend's own setting), the example runs and its
+reports are checked; then the classic view, switched to with the same setting (the reports must
+still show), loads the workflow again and queues it from there (the server answers from its cache,
+so this second run is about the prompt the classic view builds). The two frontend versions differ:
+features are detected in the page, versions are never compared.
 
 Screenshots of each workflow x view are kept in test-artifacts/browser/comfyui-<version>/ (printed at
 the end of the run), with the page's console log (<workflow>.console.log). Examples that name real
@@ -145,7 +147,7 @@ def forget_results(server):
     looking), so a one-node prompt follows it; the cache is empty when that one has run."""
     post(server, "/free", {"unload_models": False, "free_memory": True})
     server.run({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}})
+                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}, poll=0.05)
 
 
 def load_and_convert(page, workflow: dict, vue: bool) -> dict:
@@ -288,15 +290,44 @@ def check_reports_show(page, workflow: dict, reported: dict, vue: bool, shots: s
         page.screenshot(path=f"{shots}-report.png")
 
 
+class SharedPage:
+    """The page the examples share (a page's start costs seconds of the two CPU cores), with its console
+    log; closed when an example fails and opened again by the next."""
+
+    def __init__(self, browser, server):
+        self.browser, self.server = browser, server
+        self.context = self.page = None
+        self.log: list[str] = []
+
+    def open(self):
+        if self.page is None or self.page.is_closed():
+            self.close()
+            self.context, self.page = open_frontend(self.browser, self.server, self.log)
+        return self.page
+
+    def close(self):
+        if self.context is not None:
+            self.context.close()
+        self.context = self.page = None
+
+
+@pytest.fixture(scope="module")
+def shared_page(browser, server):
+    shared = SharedPage(browser, server)
+    yield shared
+    shared.close()
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
-def test_example_runs_from_the_frontend(browser, server, browser_artifacts, path):
+def test_example_runs_from_the_frontend(shared_page, server, browser_artifacts, path):
     name = path.stem
     workflow = json.loads(path.read_text())
-    log: list[str] = []
-    context, page = open_frontend(browser, server, log)
+    page = shared_page.open()
+    log_start = len(shared_page.log)
     shots = str(browser_artifacts / f"{name}-nodes2")
+    passed = False
     try:
-        wait_for_view(page, True)
+        set_view(page, True)
         real_use = bool(needs_real_weights(workflow))
         if real_use:
             # a real-use example loads and converts as saved (the frontend offers its download), then
@@ -323,11 +354,14 @@ def test_example_runs_from_the_frontend(browser, server, browser_artifacts, path
         prompt = load_and_convert(page, workflow, False)
         queue_and_wait(page, server, prompt, where)
         page.screenshot(path=f"{shots}.png")
+        passed = True
     finally:
+        log = shared_page.log[log_start:]
         if not Path(f"{shots}.png").exists():
             try:
                 page.screenshot(path=f"{shots}.png")
             except Exception as e:  # the page died: keep its log anyway
                 log.append(f"no screenshot: {e}")
         (browser_artifacts / f"{name}.console.log").write_text("\n".join(log) + "\n")
-        context.close()
+        if not passed:
+            shared_page.close()
