@@ -692,13 +692,11 @@ def dit_lora_names(fixture: DiTFixture, model_sd: dict, key_map: dict, layout) -
     return named
 
 
-def _dit_layout(fixture: DiTFixture, meta_model, with_file: bool = True) -> tuple[str, dict]:
-    """(digest, {stem: {LoRA key name: shape}}) of what this host would write for ``meta_model`` (the
-    fixture or its narrow twin on the meta device): the model file's weight names and shapes, and
-    the LoRA names the host's key map gives (only these for the narrow twin, which has no model
-    file). Files written under another host are reused when the
-    digest is the same (both CI passes share one cache), rewritten when it differs (Z-Image: the
-    host of late 2025 has a final norm weight that the newer one dropped)."""
+def _dit_layout(fixture: DiTFixture, meta_model) -> tuple[str, dict]:
+    """(digest, {stem: {LoRA key name: shape}}) of the LoRA files this host would write for
+    ``meta_model`` (the fixture or its narrow twin on the meta device): the names the host's key map
+    gives. LoRA files written under another host are reused when the digest is the same (both CI
+    passes share one cache), rewritten when it differs; the model file is checked by _file_holds."""
     import hashlib
 
     import comfy.lora
@@ -706,11 +704,7 @@ def _dit_layout(fixture: DiTFixture, meta_model, with_file: bool = True) -> tupl
     key_map = comfy.lora.model_lora_keys_unet(meta_model, {})
     model_sd = meta_model.state_dict()
     loras = {stem: dit_lora_names(fixture, model_sd, key_map, layout) for stem, (_, layout, _) in fixture.loras.items()}
-    image_model = fixture.config["image_model"]
-    h = hashlib.sha256()
-    if with_file:
-        h.update(repr(sorted((dit_file_key(image_model, k), tuple(v.shape)) for k, v in model_sd.items())).encode())
-    h.update(repr(sorted((stem, sorted(named.items())) for stem, named in loras.items())).encode())
+    h = hashlib.sha256(repr(sorted((stem, sorted(named.items())) for stem, named in loras.items())).encode())
     return f"{fixture.version} {h.hexdigest()[:16]}", loras
 
 
@@ -719,20 +713,42 @@ def _write_dit_loras(fixture: DiTFixture, loras: dict, lora_dir: Path, file_of) 
         write_lora(lora_dir / file_of(stem), None, None, fmt=fmt, seed=seed, named=loras[stem])
 
 
+def _file_holds(path: Path, meta_model, version: str) -> bool:
+    """Whether the model file at ``path`` is this fixture version's and holds every weight of this
+    host's model (``meta_model``) at its shape. More weights are fine: a file written under a host
+    whose model has a weight more (Z-Image's final norm on the host of late 2025) loads on the newer
+    one as a released file made for either does, its extra weight left unused. Reads the header only."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return False
+    image_model = meta_model.model_config.unet_config.get("image_model", "")
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("cmlora_fixture") != version:
+            return False
+        held = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return all(held.get(dit_file_key(image_model, k)) == tuple(v.shape)
+               for k, v in meta_model.diffusion_model.state_dict().items())
+
+
 def ensure_dit_model(models_dir: Path, key: str) -> DiTFixture:
-    """One DiT fixture's diffusion model file (bf16, as released) and LoRA files, if missing."""
+    """One DiT fixture's diffusion model file (bf16, as released) and LoRA files, if missing. Both CI
+    passes share the model file where it holds what the host loads (_file_holds): a multi-GB file is
+    written once per run, not once per host."""
     fixture = DIT_FIXTURES[key]
     unet_dir, lora_dir = models_dir / "diffusion_models", models_dir / "loras"
     unet_dir.mkdir(parents=True, exist_ok=True)
     lora_dir.mkdir(parents=True, exist_ok=True)
+    meta = fixture.model(device="meta")
+    if not _file_holds(unet_dir / fixture.file, meta, fixture.version):
+        log.info("writing the %s fixture to %s", fixture.title, unet_dir)
+        save_random_dit(meta, unet_dir / fixture.file, fixture.seed, fixture.version)
     stamp = models_dir / f".cmlora_{key}_version"
-    digest, loras = _dit_layout(fixture, fixture.model(device="meta"))
-    if stamp.exists() and stamp.read_text().strip() == digest and (unet_dir / fixture.file).exists():
-        return fixture
-    log.info("writing the %s fixture to %s", fixture.title, unet_dir)
-    save_random_dit(fixture.model(device="meta"), unet_dir / fixture.file, fixture.seed, fixture.version)
-    _write_dit_loras(fixture, loras, lora_dir, lambda stem: f"test_{stem}.safetensors")
-    stamp.write_text(digest)
+    digest, loras = _dit_layout(fixture, meta)
+    if not (stamp.exists() and stamp.read_text().strip() == digest
+            and all((lora_dir / f"test_{stem}.safetensors").exists() for stem in fixture.loras)):
+        _write_dit_loras(fixture, loras, lora_dir, lambda stem: f"test_{stem}.safetensors")
+        stamp.write_text(digest)
     return fixture
 
 
@@ -742,7 +758,7 @@ def ensure_dit_narrow_loras(models_dir: Path, key: str) -> DiTFixture:
     lora_dir = models_dir / "loras"
     lora_dir.mkdir(parents=True, exist_ok=True)
     stamp = models_dir / f".cmlora_{key}_narrow_version"
-    digest, loras = _dit_layout(fixture, fixture.model(device="meta", narrow=True), with_file=False)
+    digest, loras = _dit_layout(fixture, fixture.model(device="meta", narrow=True))
     if stamp.exists() and stamp.read_text().strip() == digest \
             and all((lora_dir / fixture.narrow_file(stem)).exists() for stem in fixture.loras):
         return fixture
