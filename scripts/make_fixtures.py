@@ -17,6 +17,7 @@ Files are only rewritten when missing or when FIXTURE_VERSION changes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -102,12 +103,18 @@ def _sd15_unet(seed: int = 0, in_channels: int = 4, narrow: bool = False, device
     return model
 
 
-def sd15_narrow_patcher():
-    """The narrow twin as the host wraps a loaded model (a ModelPatcher on the CPU, float32)."""
+def cpu_patcher(model):
+    """A model built in-process, wrapped as the host wraps a loaded one: a ModelPatcher that loads and
+    offloads on the CPU (float32, as the host runs a model there)."""
     import comfy.model_patcher
 
     cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(_sd15_unet(narrow=True), load_device=cpu, offload_device=cpu)
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def sd15_narrow_patcher():
+    """The SD1.5 fixture's narrow twin, random weights, as the host wraps a loaded model."""
+    return cpu_patcher(_sd15_unet(narrow=True))
 
 
 def _sd15_parts(seed: int = 0, in_channels: int = 4):
@@ -405,19 +412,26 @@ DEMO_LORAS = [
 ]
 
 
+@functools.cache
+def _clip_key_map() -> tuple[dict, dict]:
+    """The text encoder's state dict (on the meta device: names and shapes) and the host's LoRA key map
+    for it, the same for the checkpoint and its twin. The host's SD1ClipModel builds its layers on the
+    CPU whatever device it is given (uninitialised, about 0.5 GB until this returns)."""
+    import comfy.lora
+    import comfy.sd1_clip
+
+    clip = comfy.sd1_clip.SD1ClipModel(device="meta", dtype=torch.float32)
+    shapes = {k: torch.empty_like(v, device="meta") for k, v in clip.state_dict().items()}
+    return shapes, comfy.lora.model_lora_keys_clip(clip, {})
+
+
 def sd15_key_maps(narrow: bool = False):
     """The SD1.5 fixture's (or its narrow twin's) model/clip state dicts and the host's LoRA key maps."""
     import comfy.lora
 
-    import comfy.sd1_clip
-
-    model = _sd15_unet(narrow=narrow, device="meta")  # shapes and names only: no weights are made
-    clip = comfy.sd1_clip.SD1ClipModel(device="meta", dtype=torch.float32)
-    unet_map = comfy.lora.model_lora_keys_unet(model, {})
-    clip_map = comfy.lora.model_lora_keys_clip(clip, {})
-    unet_sd = {k: v for k, v in model.state_dict().items()}
-    clip_sd = {k: v for k, v in clip.state_dict().items()}
-    return unet_sd, unet_map, clip_sd, clip_map
+    model = _sd15_unet(narrow=narrow, device="meta")  # the UNet on the meta device: shapes and names only
+    clip_sd, clip_map = _clip_key_map()
+    return dict(model.state_dict()), comfy.lora.model_lora_keys_unet(model, {}), clip_sd, clip_map
 
 
 def _sd15_lora_context(narrow: bool = False):
@@ -557,12 +571,9 @@ class DiTFixture:
     def narrow_patcher(self):
         """The narrow twin as the host wraps a loaded model (a ModelPatcher on the CPU), with the
         fixture's random weights: float32, as the host runs a model on the CPU."""
-        import comfy.model_patcher
-
         model = self.model(narrow=True)
         _init_dit_(model.diffusion_model, self.seed)
-        cpu = torch.device("cpu")
-        return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+        return cpu_patcher(model)
 
 
 def _in_blocks(key: str, *prefixes: str) -> bool:
