@@ -12,6 +12,7 @@ only its slice and is added there (``Delta.out``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,17 @@ class Delta:
         self.conv = conv or {}
         self.out = out  # (first, count) of the layer's output features it changes; None: all
         self._cast: dict = {}
+        self.weights = 0  # elements of its matrices: each input position costs 2 * weights FLOPs
+
+    def flops(self, rows: int, x_shape, out_shape) -> int:
+        """FLOPs of this delta's matrix products on ``rows`` rows of a layer whose input and output
+        have these shapes (a multiply-add counts 2, as torch's FLOP counter counts it): 2 * weights
+        per input position of a linear layer (a token), per output position of a convolution."""
+        if self.kind == "linear":
+            positions = rows * math.prod(x_shape[1:-1])
+        else:
+            positions = rows * out_shape[-2] * out_shape[-1]
+        return 2 * positions * self.weights
 
     def index(self, start: int, stop: int) -> tuple:
         """Where this delta's output goes in the layer's output, rows start..stop."""
@@ -66,6 +78,7 @@ class LowRankDelta(Delta):
         super().__init__(kind, conv, out)
         self.down, self.up, self.scale = down, up, float(scale)
         self.rank = down.shape[0]
+        self.weights = down.numel() + up.numel()
 
     def _tensors(self):
         return (self.down, self.up)
@@ -91,6 +104,7 @@ class DenseDelta(Delta):
                  out: tuple[int, int] | None = None):
         super().__init__(kind, conv, out)
         self.weight, self.bias = weight, bias
+        self.weights = 0 if weight is None else weight.numel()  # a bias alone is an addition
 
     def _tensors(self):
         return (self.weight, self.bias)
@@ -137,7 +151,9 @@ class RoutedLayer:
     ``deltas`` maps LoRA index -> the Delta, or list of Deltas (weight and bias, or slices of a
     fused layer), one LoRA makes on this layer; ``state.routing`` is the table of the model
     call in progress, or None outside this pack's runs (then the hook does nothing, so a plain
-    sampler on the same model is unaffected even while the hook is installed).
+    sampler on the same model is unaffected even while the hook is installed). ``state.products``,
+    when not None (Compare Methods' runs), is a one-element list that adds up the FLOPs of the
+    deltas' matrix products.
     """
 
     def __init__(self, name: str, deltas: dict, state):
@@ -155,11 +171,14 @@ class RoutedLayer:
                 f"{routing.rows}; another patch changed the batch inside the model.")
         grad = torch.is_grad_enabled() and (output.requires_grad or x.requires_grad)
         out = output.clone() if grad else output
+        products = self.state.products
         for r in routing.routes:
             if r.weight == 0.0:
                 continue
             for delta in self.deltas.get(r.lora, ()):
                 d = delta(x[r.start:r.stop])
+                if products is not None:
+                    products[0] += delta.flops(r.stop - r.start, x.shape, output.shape)
                 at = delta.index(r.start, r.stop)
                 if grad:
                     out[at] = out[at] + r.weight * d

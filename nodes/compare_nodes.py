@@ -11,8 +11,11 @@ FLOPs relative to merge are read from what each run did, per model call of the s
 pass counter sits outside the method on the model (the rows the sampler asked for), the
 method's runtime trace gives the rows its forwards ran (composite: one copy per LoRA), and
 CMLoRA's own ratio counts its shallow passes at their measured share of a full pass (the
-figure its report prints). Merge and the base model run one pass per call: 1.00x. LoRA deltas
-added in the forward are not counted, nor merge's folding.
+figure its report prints). Merge and the base model run one pass per call: 1.00x. The LoRA
+deltas a method adds in the forward (routed: composite, CMLoRA, regions, merge and switch with
+step ranges) add the FLOPs of their matrix products, tallied by the routed layers as they run
+and set against a full pass of the model counted on the meta device for the run's input shapes.
+LoRAs folded into the weights cost nothing per call (the folding itself is not counted).
 
 Seconds are the sampler's loop alone (a SAMPLER_SAMPLE wrapper's clock): loading the model and
 patching it in, which the first column would pay for the others, and decoding are left out, so
@@ -64,16 +67,67 @@ def parse_methods(text: str, node: str) -> list[str]:
 
 
 class RowCounter:
-    """A DIFFUSION_MODEL wrapper outside the method's own: the model calls and rows the sampler asks for."""
+    """A DIFFUSION_MODEL wrapper outside the method's own: the model calls and rows the sampler asks for,
+    and the first call as one row on the meta device (its shapes, for counting a full pass)."""
 
     def __init__(self):
         self.calls = self.rows = 0
+        self.meta_call: tuple[str, ModelCall] | None = None
 
     def __call__(self, executor, *args, **kwargs):
         call = ModelCall.of(executor, args, kwargs)
         self.calls += 1
         self.rows += call.rows
+        if self.meta_call is None:
+            self.meta_call = (executor.original.__name__, meta_row(call))
         return call.run(executor)
+
+
+def meta_row(call: ModelCall) -> ModelCall:
+    """The call with one row of each per-row tensor, every tensor on the meta device (shapes only), no
+    transformer options (no patches) and no ControlNet residuals."""
+    rows = call.rows
+
+    def meta(value):
+        if torch.is_tensor(value):
+            shape = (1, *value.shape[1:]) if value.ndim and value.shape[0] == rows else tuple(value.shape)
+            return torch.empty(shape, device="meta", dtype=value.dtype)
+        if isinstance(value, (list, tuple)):
+            return type(value)(meta(v) for v in value)
+        return value
+
+    values = {k: ({} if k == "transformer_options" else None if k == "control" else meta(v))
+              for k, v in call.values.items()}
+    return ModelCall(values, call.positional)
+
+
+PASS_FLOPS: dict = {}  # (model class, config, forward, input shapes) -> FLOPs of one full pass of one row
+
+
+def _shapes(value):
+    if torch.is_tensor(value):
+        return (tuple(value.shape), str(value.dtype))
+    if isinstance(value, (list, tuple)):
+        return tuple(_shapes(v) for v in value)
+    return repr(value)
+
+
+def pass_flops(base_model, meta_call: tuple[str, ModelCall]) -> int:
+    """FLOPs of one full pass of the diffusion model on the recorded call's row (``RowCounter.meta_call``),
+    counted on the meta device (the model rebuilt without weights by its own class) with the counter
+    the CMLoRA report uses; once per process for each architecture and input shape."""
+    from ..cmlora_core.flops import FlopCounter
+
+    forward, call = meta_call
+    config = base_model.model_config.unet_config
+    key = (type(base_model.diffusion_model).__name__, repr(sorted(config.items(), key=lambda kv: kv[0])), forward,
+           tuple((k, _shapes(v)) for k, v in sorted(call.values.items())))
+    if key not in PASS_FLOPS:
+        model = host.meta_diffusion_model(base_model)
+        with torch.inference_mode(), host.meta_attention(), FlopCounter() as counter:
+            call.run(getattr(model, forward))
+        PASS_FLOPS[key] = counter.total
+    return PASS_FLOPS[key]
 
 
 class SamplingClock:
@@ -90,9 +144,16 @@ class SamplingClock:
             self.seconds += time.perf_counter() - started
 
 
+def count_products(patched) -> None:
+    """Have the routed layers of ``patched`` (if it has any) tally their products in the next run."""
+    runtime = runtime_of(patched)
+    if runtime is not None:
+        runtime.routed.products = [0]
+
+
 def flop_ratio(patched, counter: RowCounter) -> float:
     """Diffusion-model FLOPs of the run just sampled with ``patched``, over merge's (one pass of every row the
-    sampler asked for), from the run's own record."""
+    sampler asked for), from the run's own record: its passes, and the products of its routed deltas."""
     if counter.rows == 0:
         raise RuntimeError("the sampler made no model call")  # not reachable through KSampler (steps >= 1)
     runtime = runtime_of(patched)
@@ -100,8 +161,13 @@ def flop_ratio(patched, counter: RowCounter) -> float:
         return 1.0
     trace = runtime.last_trace
     if isinstance(runtime, CMLoRARuntime):  # shallow passes count at their share of a full pass
-        return runtime.flop_ratio(trace)
-    return sum(trace.call_rows) / counter.rows
+        passes = runtime.flop_ratio(trace)
+    else:
+        passes = sum(trace.call_rows) / counter.rows
+    products = runtime.routed.products[0] if runtime.routed.products else 0
+    if products:
+        passes += products / (counter.rows * pass_flops(patched.model, counter.meta_call))
+    return passes
 
 
 # ---------------------------------------------------------------- the grid
@@ -289,6 +355,7 @@ class CompareMethodsNode(io.ComfyNode):
         lines = [f"{node}: seed {seed}, {steps} steps, cfg {cfg}, {sampler_name}/{scheduler}, {len(entries)} LoRAs: "
                  + ", ".join(e.name for e in entries)]
         for name, patched, counter, clock in runs:
+            count_products(patched)
             latent = host.ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                    latent_image)
             decoded = decode(vae, latent)
@@ -304,7 +371,8 @@ class CompareMethodsNode(io.ComfyNode):
         if schedule is not None and "cmlora" not in names:
             lines.append("note: a schedule is connected but methods does not list cmlora, so it was not used.")
         lines.append("FLOPs relative to merge: diffusion-model passes per model call of the sampler (merge and base: one); "
-                     "CMLoRA's shallow passes count at their share of a full pass; LoRA deltas are not counted.")
+                     "CMLoRA's shallow passes count at their share of a full pass; LoRA deltas added in the forward "
+                     "count their matrix products; LoRAs folded into the weights cost nothing per call.")
 
         first = images[0]
         layout = grid_layout(names, first.shape[0], first.shape[1], first.shape[2])

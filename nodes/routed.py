@@ -224,6 +224,9 @@ class RoutedLoras:
         # the model strength of every LoRA at the step in progress (set by the runtime per model
         # call; the stack strengths when no LoRA has a step range or curve)
         self.strengths: list[float] = [ml.entry.strength_model for ml in loras]
+        # Compare Methods sets a one-element list here to add up the FLOPs of the deltas' products
+        # (shared with the clones' copies); None: not counted
+        self.products: list[int] | None = None
         self._built: dict = {}  # "base": the model, "layers": {layer path: {LoRA index: Delta}}
         self._handles: list = []
 

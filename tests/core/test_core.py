@@ -61,6 +61,7 @@ def test_low_rank_delta_equals_merged_weight_linear_and_conv():
 
 class _State:
     routing = None
+    products = None  # no FLOP tally
 
 
 def test_routed_layer_adds_each_loras_delta_to_its_rows_only():

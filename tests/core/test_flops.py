@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from cmlora_core.flops import FlopCounter, attention_flops, linear_flops
-from cmlora_core.routing import LowRankDelta, RoutedLayer, Routing
+from cmlora_core.routing import DenseDelta, LowRankDelta, Route, RoutedLayer, Routing
 
 
 class Block(torch.nn.Module):
@@ -100,6 +100,7 @@ def test_routed_lora_costs_its_rank_on_exactly_its_rows():
 
     class State:
         routing = Routing(rows, ())
+        products = None
 
     state = State()
     layer.register_forward_hook(RoutedLayer("l", {0: delta}, state))
@@ -111,3 +112,39 @@ def test_routed_lora_costs_its_rank_on_exactly_its_rows():
         layer(x)
     assert plain.total == 2 * rows * tokens * cin * cout
     assert routed.total - plain.total == 2 * 2 * tokens * r * (cin + cout)
+
+
+def test_a_routed_layer_tallies_its_deltas_products_as_torchs_counter_counts_them():
+    """The tally Compare Methods reads (state.products) equals what torch's own FlopCounterMode adds
+    when the deltas run: low-rank and dense deltas, a strided convolution, slices of a fused linear
+    layer, a bias-only delta (no product), and rows that two LoRAs share."""
+    g = torch.Generator().manual_seed(3)
+    conv_opts = {"stride": (2, 2), "padding": (1, 1), "dilation": (1, 1), "groups": 1}
+    conv = torch.nn.Conv2d(6, 8, 3, stride=2, padding=1)
+    conv_deltas = {0: LowRankDelta(torch.randn(2, 6, 3, 3, generator=g), torch.randn(8, 2, 1, 1, generator=g), 1.0,
+                                   "conv", conv_opts),
+                   1: DenseDelta(torch.randn(8, 6, 3, 3, generator=g), None, "conv", conv_opts)}
+    lin = torch.nn.Linear(6, 12)
+    lin_deltas = {0: [LowRankDelta(torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g), 0.5, "linear",
+                                   out=(4, 4)),
+                      DenseDelta(torch.randn(4, 6, generator=g), None, "linear", out=(8, 4)),
+                      DenseDelta(None, torch.ones(4), "linear", out=(8, 4))],
+                  1: LowRankDelta(torch.randn(3, 6, generator=g), torch.randn(12, 3, generator=g), 1.0, "linear")}
+
+    class State:
+        routing = None
+        products = None
+
+    for layer, deltas, x in ((conv, conv_deltas, torch.randn(3, 6, 9, 9, generator=g)),
+                             (lin, lin_deltas, torch.randn(3, 5, 7, 6, generator=g))):
+        state = State()
+        handle = layer.register_forward_hook(RoutedLayer("layer", deltas, state))
+        with torch.no_grad(), FlopCounterMode(display=False) as plain:
+            layer(x)
+        state.routing = Routing(3, (Route(0, 0, 2, 0.5), Route(1, 1, 3, 2.0)))  # row 1 has both LoRAs
+        state.products = [0]
+        with torch.no_grad(), FlopCounterMode(display=False) as routed:
+            layer(x)
+        handle.remove()
+        added = routed.get_total_flops() - plain.get_total_flops()
+        assert added > 0 and state.products == [added], (type(layer).__name__, state.products, added)

@@ -196,6 +196,32 @@ def weight_digests(model, keys) -> dict:
     return out
 
 
+class TorchFlops:
+    """A DIFFUSION_MODEL wrapper outside the method's own: torch's FlopCounterMode around every model call,
+    so it counts the real model's matrix products as they run (every pass and copy, the routed LoRA
+    deltas; not the LoRAs' folding into the weights, nor the decode). Attention runs PyTorch's math
+    kernel, whose products the counter sees (it has no formula for the CPU's fused kernel)."""
+
+    def __init__(self):
+        self.total = 0
+
+    key = "test-torch-flops"
+
+    def attach(self, model):
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, self.key, self)
+        return m
+
+    def __call__(self, executor, *args, **kwargs):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            out = executor(*args, **kwargs)
+        self.total += counter.get_total_flops()
+        return out
+
+
 def real_pass_flops(model) -> tuple[int, int]:
     """FLOPs of one full and one shallow pass of the real model on real inputs, counted by torch's
     FlopCounterMode as they run (not the pack's meta-device count). Attention runs PyTorch's math

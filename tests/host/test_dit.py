@@ -30,9 +30,10 @@ import pytest
 import torch
 
 import comfy.model_management
+import comfy.patcher_extension
 import make_fixtures as fx
 
-from _util import CallRecorder, apply, call_out, calls_out, lora_loader, stack, stepwise_reference, weight_digests
+from _util import CallRecorder, TorchFlops, apply, call_out, calls_out, lora_loader, stack, stepwise_reference, weight_digests
 
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.loras import map_model_lora
@@ -225,12 +226,21 @@ def test_switch_with_one_lora_equals_lora_loader_at_every_step(fixture, narrow):
 
 
 def test_composite_is_the_mean_of_lora_loader_predictions_in_one_call_per_chunk(fixture, narrow):
+    """... and Compare Methods' FLOP figure for the run (its full pass counted on the meta device for the
+    run's inputs, the routed products tallied) is what torch counts running it, over the base model's."""
+    from comfyui_cmlora.nodes.compare_nodes import RowCounter, count_products, flop_ratio
+
     names = [fixture.narrow_file(s) for s in fixture.loras]
     refs = [lora_loader(narrow, (n, 1.0)) for n in names]
     before = weight_digests(narrow, patched_keys(*refs))
-    outer = CallRecorder()
-    patched = apply(outer.attach(narrow), stack(*[(n, 1.0) for n in names]), "composite")
+    outer, rows, flops, base_flops = CallRecorder(), RowCounter(), TorchFlops(), TorchFlops()
+    counted = flops.attach(outer.attach(narrow))
+    counted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test-rows", rows)
+    patched = apply(counted, stack(*[(n, 1.0) for n in names]), "composite")
+    count_products(patched)
     sample(fixture, patched, steps=2, cfg=2.0)  # cond and uncond: one host chunk of two rows
+    sample(fixture, base_flops.attach(narrow), steps=2, cfg=2.0)
+    assert flop_ratio(patched, rows) == pytest.approx(flops.total / base_flops.total, rel=1e-3)
     assert len(outer.calls) == 2 and all(c["x"].shape[0] == 2 for c in outer.calls)
     assert runtime_of(patched).last_trace.call_rows == [2 * len(names)] * 2
     per_ref = [calls_out(r, outer.calls) for r in refs]  # each reference patched once
