@@ -5,7 +5,7 @@ import pytest
 import torch
 
 
-from _util import ksample, stack
+from _util import ksample, lora_loader, stack
 
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.clora_nodes import AttentionMasker, MaskOutput
@@ -82,24 +82,71 @@ def test_updates_separate_the_concepts_masks(sd15_narrow):
     assert overlaps[20.0] < overlaps[0.0], overlaps
 
 
-def _reference_euler(runtime_ref, plan):
-    """A plain Euler loop that updates the latent between steps with the runtime's own gradient step."""
+def _branch_weights(models, branches: list[list[str]]) -> list[dict]:
+    """The diffusion model's weights with each branch's LoRAs merged by the host's own LoraLoader
+    (strength 1, as the stack gives them), one state dict per branch."""
+    import comfy.model_management
+
+    out = []
+    for names in branches:
+        m = lora_loader(models[0], *[(n, 1.0) for n in names])
+        comfy.model_management.load_models_gpu([m])
+        out.append({k: v.detach().clone() for k, v in m.model.diffusion_model.state_dict().items()})
+    comfy.model_management.unload_all_models()  # the base model's own weights back in place
+    return out
+
+
+def _hand_attention(maps: list, tokens: int):
+    """An attn2 replace patch: softmax(q k^T / sqrt(d)) per head, written out here; keeps the
+    head-averaged probabilities of the cross-attention layers with ``tokens`` image tokens (1/32 of the
+    image), outside the middle block."""
+    def patch(q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        b, n, c = q.shape
+        d = c // heads
+        qh, kh, vh = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        probs = torch.softmax(qh.float() @ kh.float().transpose(-1, -2) / d ** 0.5, dim=-1)
+        if n == tokens and extra_options["block"][0] != "middle":
+            maps.append(probs.mean(1))
+        return (probs.to(vh.dtype) @ vh).transpose(1, 2).reshape(b, n, c)
+    return patch
+
+
+def _reference_euler(unet, weights, model_sampling, contexts, concept_tokens, plan, step_size):
+    """A plain Euler loop that moves the latent before each planned step, computed without the pack's
+    runtime: at x, each branch's model (the host's LoraLoader merge of its LoRAs) reads its own prompt;
+    the loss is NT-Xent (tested by hand in tests/core) over the layer-averaged cross-attention maps of
+    every branch's concept tokens; x moves against its gradient by step_size * (1 + sigma^2) (the
+    reference's step on z = x / sqrt(1 + sigma^2)). Then the guided model predicts at the moved latent."""
+    from comfyui_cmlora.cmlora_core.clora import nt_xent
+
+    keys = [(kind, i) for kind, blocks in (("input", unet.input_blocks), ("output", unet.output_blocks))
+            for i in range(len(blocks))]
 
     @torch.no_grad()
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
         extra_args = extra_args or {}
         s_in = x.new_ones([x.shape[0]])
-        opts = extra_args["model_options"]["transformer_options"]
-        unet = runtime_ref.base_model.diffusion_model
         for i in range(len(sigmas) - 1):
             sigma = float(sigmas[i])
-            if i in plan:
-                t = runtime_ref.base_model.model_sampling.timestep(sigmas[i] * s_in).float()
-                runtime_ref.settings.step_size = 20.0
-                try:
-                    x = runtime_ref.update_latent(unet, x, sigma, t, None, opts, i, plan[i]).to(x.dtype)
-                finally:
-                    runtime_ref.settings.step_size = 0.0
+            for _ in range(plan.get(i, 0)):
+                with torch.inference_mode(False), torch.enable_grad():
+                    xg = x.detach().clone().requires_grad_(True)
+                    xin = model_sampling.calculate_input(sigmas[i], xg)
+                    t = model_sampling.timestep(sigmas[i] * s_in).float()
+                    per_branch = []
+                    for params, ctx in zip(weights, contexts):
+                        maps = []
+                        patch = _hand_attention(maps, (x.shape[-2] // 4) * (x.shape[-1] // 4))
+                        options = {"patches_replace": {"attn2": {key: patch for key in keys}}}
+                        torch.func.functional_call(unet, params, (xin, t),
+                                                   {"context": ctx.to(xin), "transformer_options": options})
+                        per_branch.append(torch.stack(maps).mean(0)[0])  # (h*w, tokens)
+                    items = [per_branch[p][:, t] for p, by in enumerate(concept_tokens) for ts in by.values() for t in ts]
+                    concept = [c for by in concept_tokens for c, ts in by.items() for _ in ts]
+                    loss = nt_xent(torch.stack(items), concept, 0.5)
+                    grad = torch.autograd.grad(loss, xg)[0]
+                x = (x - step_size * (1.0 + sigma * sigma) * grad).detach()
             denoised = model(x, sigmas[i] * s_in, **extra_args)
             x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
         return x
@@ -109,6 +156,9 @@ def _reference_euler(runtime_ref, plan):
 
 @pytest.mark.parametrize("sampler", ["euler", "ddim"])
 def test_latent_update_changes_the_trajectory_exactly(sd15_narrow, sampler):
+    """The sampler follows the updated latents: against a reference loop that moves the latent itself,
+    from the host's LoraLoader merges and a hand-written attention (the branches' prompts and concept
+    tokens are the Masker's, read from its runtime)."""
     from comfy_extras import nodes_custom_sampler as cs
     import comfy.samplers as samplers
     from comfyui_cmlora.cmlora_core.clora import update_plan
@@ -117,22 +167,27 @@ def test_latent_update_changes_the_trajectory_exactly(sd15_narrow, sampler):
     steps = 4
     model, positive = masker(sd15_narrow, extra_iterations=1)
     ours = ksample(model, (positive, neg), steps=steps, sampler=sampler, seed=5)
-    ref_model, _ = masker(sd15_narrow, extra_iterations=1, step_size=0.0)
-    runtime_ref = runtime_of(ref_model)
+    ref_model, _ = masker(sd15_narrow, extra_iterations=1, step_size=0.0)  # the same forward, no updates
+    branches = runtime_of(ref_model).branches
+    assert len(branches.contexts) == 3  # the base prompt, the cat's, the dog's; the style on every branch
+    weights = _branch_weights(sd15_narrow, [[STYLE], [CAT, STYLE], [DOG, STYLE]])
     plan = update_plan(steps, 0.5, 1)
+    unet = sd15_narrow[0].model.diffusion_model
+    reference = _reference_euler(unet, weights, sd15_narrow[0].model.model_sampling, branches.contexts,
+                                 branches.concept_tokens, plan, 20.0)
     guider = cs.CFGGuider.execute(ref_model, positive, neg, 5.0).args[0]
     sigmas = cs.BasicScheduler.execute(ref_model, "normal", steps, 1.0).args[0]
     noise = cs.RandomNoise.execute(5).args[0]
-    ksampler = samplers.KSAMPLER(_reference_euler(runtime_ref, plan))
-    ref = cs.SamplerCustomAdvanced.execute(noise, guider, ksampler, sigmas, {"samples": torch.zeros(1, 4, 8, 8)}).args[0]
+    ref = cs.SamplerCustomAdvanced.execute(noise, guider, samplers.KSAMPLER(reference), sigmas,
+                                           {"samples": torch.zeros(1, 4, 8, 8)}).args[0]
     no_update = ksample(ref_model, (positive, neg), steps=steps, sampler=sampler, seed=5)
     scale = float(ref["samples"].abs().max())
     effect = float((ours - no_update).abs().max()) / scale
     error = float((ours - ref["samples"]).abs().max()) / scale
     assert effect > 1e-3  # the updates matter ...
     # ... and the sampler followed them: float32 rounding only, which the update's gradient step
-    # amplifies with the effect (on the narrow twin: error 8e-5 for an effect of 0.79); a step whose
-    # update the sampler lost or took twice is off by a large part of the effect itself
+    # amplifies with the effect; a step whose update the sampler lost or took twice is off by a large
+    # part of the effect itself
     assert error < 1e-3 * effect, (error, effect)
 
 
