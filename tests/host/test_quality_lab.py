@@ -1,0 +1,73 @@
+"""The quality lab's training on the real host (a few steps: the machinery, not the quality): the base
+model is the host's SD1.5 class at the lab's size; a concept LoRA trains with the base frozen and its
+kohya file loads through the host's LoraLoader and the pack's stack like a downloaded one."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import comfy.model_management
+import make_fixtures as fx
+import nodes as host_nodes
+
+from _util import stack
+
+from comfyui_cmlora.nodes.loras import map_model_lora
+from quality import train, world
+
+NAME = "test_lab_orb.safetensors"  # written into the generated models' loras folder
+
+
+def _scenes(**concepts):
+    return lambda rng: world.Scene(**concepts, seed=rng.randrange(2**31))
+
+
+def test_the_lab_trains_a_base_and_a_lora_that_loads_like_a_downloaded_file(sd15, models_dir):
+    model = train.lab_model(seed=0)
+    assert type(model.model_config).__name__ == "SD15" and model.diffusion_model.in_channels == 48
+    captions = train.Captions(sd15[1])
+    before = {k: v.clone() for k, v in model.diffusion_model.state_dict().items()}
+    losses = train.train(model, model.diffusion_model.parameters(), train.concept_sampler(_scenes(), {}), captions,
+                         steps=3, batch=4)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    trained = {k: v.clone() for k, v in model.diffusion_model.state_dict().items()}
+    assert sum(not torch.equal(before[k], trained[k]) for k in before) > len(before) // 2
+
+    adapters = train.LoraAdapters(model, rank=4, seed=1)
+    blocks = sum(1 for name, _ in model.diffusion_model.named_modules() if name.endswith("transformer_blocks.0"))
+    assert len(adapters.layers) == 10 * blocks  # q, k, v, out of both attentions and the two feed-forward layers
+    losses = train.train(model, adapters.parameters(), train.concept_sampler(_scenes(character="orb"), {"orb": "sks"}),
+                         captions, steps=3, batch=4, seed=1)
+    assert all(math.isfinite(v) for v in losses)
+    assert all(torch.equal(trained[k], v) for k, v in model.diffusion_model.state_dict().items())  # base frozen
+    assert all(float(u.detach().abs().max()) > 0 for u in adapters.up.values())  # every adapter learned something
+
+    x, t = torch.randn(2, 48, 16, 16, generator=torch.Generator().manual_seed(4)), torch.tensor([500.0, 250.0])
+    context = captions(["sks orb character", "a figure"])
+    for layer in adapters.layers:  # the file holds fp16 factors: compare the model call on those
+        adapters.down[layer].data = adapters.down[layer].data.half().float()
+        adapters.up[layer].data = adapters.up[layer].data.half().float()
+    with torch.no_grad():
+        with_adapters = model.diffusion_model(x, t, context=context)
+    tensors = adapters.save_kohya(models_dir / "loras" / NAME, trigger="sks", concept="orb")
+    adapters.remove()
+    assert len(tensors) == 3 * len(adapters.layers) and all(k.startswith("lora_unet_") for k in tensors)
+
+    # the host's own LoraLoader on the lab model gives the same model call
+    patcher = fx.cpu_patcher(model)
+    loaded = host_nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, NAME, 1.0)[0]
+    comfy.model_management.load_models_gpu([loaded])
+    with torch.no_grad():
+        by_host = loaded.model.diffusion_model(x, t, context=context)
+    comfy.model_management.unload_all_models()
+    assert torch.allclose(by_host, with_adapters, atol=1e-4 * float(with_adapters.abs().max())), \
+        (by_host - with_adapters).abs().max()
+    assert not torch.allclose(by_host, fx.cpu_patcher(model).model.diffusion_model(x, t, context=context), atol=1e-6)
+    assert all(torch.equal(trained[k], v) for k, v in model.diffusion_model.state_dict().items())  # unpatched
+
+    # the pack's stack reads it like a downloaded kohya file: every key placed, the trigger from its metadata
+    entry = stack((NAME, 1.0)).entries[0]
+    assert entry.trigger == "sks"
+    mapped = map_model_lora(patcher, entry, "test")
+    assert mapped.unmapped == [] and mapped.n_mapped == len(adapters.layers)
