@@ -1,6 +1,6 @@
 """Training the quality lab's base model and its concept LoRAs on the CPU, from the world's renders.
 
-The base model is the host's own SD1.5 model class (``comfy.supported_models.SD15``) at the lab's size:
+The base model is the host's own SD1.5 model class (``comfy.supported_models.SD15``, ``lab_config``) at the lab's size:
 two levels of 64 and 128 channels with attention at both, 48 input and output channels (the world's
 model space, ``world.to_latent``), about 5M parameters; it predicts the noise (epsilon) on the host's
 SD1.5 noise schedule and reads CLIP-L's 768-wide text context, so the host samples it like any SD1.5
@@ -44,12 +44,30 @@ LORA_TARGETS = (".attn1.to_q", ".attn1.to_k", ".attn1.to_v", ".attn1.to_out.0", 
 Sampler = Callable[[random.Random, int], list[tuple[Scene, str]]]  # (rng, batch) -> (scene, caption) pairs
 
 
-def lab_model(seed: int = 0):
-    """The lab's base model (the host's BaseModel of the SD1.5 class, float32 on the CPU), freshly
-    initialised from ``seed``: weights ~ N(0, 1/fan_in), norms 1, biases 0, the output convolution 0."""
+def lab_config():
+    """The host's SD1.5 model configuration for the lab: its UNet at LAB_UNET, the world's model space
+    as its latent format (48 channels at unit scale: the host's sampler scales an SD1.5 latent by
+    0.18215), and not an inpainting model (the host takes more than 4 input channels for one)."""
+    import comfy.latent_formats
     import comfy.supported_models
 
-    model = comfy.supported_models.SD15(dict(LAB_UNET)).get_model({}, device="cpu")
+    class LabLatent(comfy.latent_formats.LatentFormat):
+        latent_channels = 48
+        scale_factor = 1.0
+
+    class LabSD15(comfy.supported_models.SD15):
+        latent_format = LabLatent
+
+        def inpaint_model(self):
+            return False
+
+    return LabSD15(dict(LAB_UNET))
+
+
+def lab_model(seed: int = 0):
+    """The lab's base model (the host's BaseModel, float32 on the CPU), freshly initialised from
+    ``seed``: weights ~ N(0, 1/fan_in), norms 1, biases 0, the output convolution 0."""
+    model = lab_config().get_model({}, device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.diffusion_model.named_parameters():

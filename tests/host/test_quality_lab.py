@@ -8,6 +8,8 @@ import math
 import torch
 
 import comfy.model_management
+import comfy.sample
+import comfy.supported_models
 import make_fixtures as fx
 import nodes as host_nodes
 
@@ -25,7 +27,7 @@ def _scenes(**concepts):
 
 def test_the_lab_trains_a_base_and_a_lora_that_loads_like_a_downloaded_file(sd15, models_dir):
     model = train.lab_model(seed=0)
-    assert type(model.model_config).__name__ == "SD15" and model.diffusion_model.in_channels == 48
+    assert isinstance(model.model_config, comfy.supported_models.SD15) and model.diffusion_model.in_channels == 48
     captions = train.Captions(sd15[1])
     before = {k: v.clone() for k, v in model.diffusion_model.state_dict().items()}
     losses = train.train(model, model.diffusion_model.parameters(), train.concept_sampler(_scenes(), {}), captions,
@@ -65,6 +67,15 @@ def test_the_lab_trains_a_base_and_a_lora_that_loads_like_a_downloaded_file(sd15
         (by_host - with_adapters).abs().max()
     assert not torch.allclose(by_host, fx.cpu_patcher(model).model.diffusion_model(x, t, context=context), atol=1e-6)
     assert all(torch.equal(trained[k], v) for k, v in model.diffusion_model.state_dict().items())  # unpatched
+
+    # the host's sampler samples it in the world's space: 48 channels at unit scale, no inpainting inputs
+    assert torch.equal(model.process_latent_in(x), x)
+    lat = torch.zeros(1, 48, 16, 16)
+    pos, neg = [[captions(["sks orb character"]), {}]], [[captions([""]), {}]]
+    out = comfy.sample.sample(loaded, comfy.sample.prepare_noise(lat, 1), 2, 3.0, "euler", "normal", pos, neg, lat,
+                              seed=1, disable_pbar=True)
+    assert out.shape == (1, 48, 16, 16) and torch.isfinite(out).all()
+    assert world.from_latent(out).shape == (1, 3, 64, 64)
 
     # the pack's stack reads it like a downloaded kohya file: every key placed, the trigger from its metadata
     entry = stack((NAME, 1.0)).entries[0]
