@@ -72,7 +72,10 @@ def test_compare_node_through_prompt_gives_one_labelled_grid(server):
     found = re.findall(r"^(\w+): [\d.]+ s .*?, ([\d.]+)x the model FLOPs of merge", report, re.M)
     assert [m for m, _ in found] == METHODS
     ratios = {m: float(r) for m, r in found}
-    assert ratios["merge"] == 1.0 and ratios["composite"] == 2.0
+    # merge folds the LoRAs into the weights; composite runs a copy of the rows per LoRA (two) and adds
+    # its LoRAs' products (rank 4 on this 320-channel model: about 1%; tests/host/test_compare.py checks
+    # the figure against torch's own count of the run)
+    assert ratios["merge"] == 1.0 and 2.0 < ratios["composite"] < 2.1, ratios
 
 
 def test_cmlora_without_a_schedule_fails_naming_node_input_and_fix(server):
