@@ -719,9 +719,17 @@ def _dit_layout(fixture: DiTFixture, meta_model) -> tuple[str, dict]:
     return f"{fixture.version} {h.hexdigest()[:16]}", loras
 
 
-def _write_dit_loras(fixture: DiTFixture, loras: dict, lora_dir: Path, file_of) -> None:
+def _ensure_dit_loras(fixture: DiTFixture, meta_model, lora_dir: Path, stamp: Path, file_of) -> None:
+    """The fixture's LoRA files for ``meta_model`` (named ``file_of(stem)``), rewritten when missing or when
+    this host's key map names them otherwise than the stamp records (_dit_layout)."""
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    digest, loras = _dit_layout(fixture, meta_model)
+    if stamp.exists() and stamp.read_text().strip() == digest \
+            and all((lora_dir / file_of(stem)).exists() for stem in fixture.loras):
+        return
     for stem, (fmt, _, seed) in fixture.loras.items():
         write_lora(lora_dir / file_of(stem), None, None, fmt=fmt, seed=seed, named=loras[stem])
+    stamp.write_text(digest)
 
 
 def _file_holds(path: Path, meta_model, version: str) -> bool:
@@ -747,34 +755,22 @@ def ensure_dit_model(models_dir: Path, key: str) -> DiTFixture:
     passes share the model file where it holds what the host loads (_file_holds): a multi-GB file is
     written once per run, not once per host."""
     fixture = DIT_FIXTURES[key]
-    unet_dir, lora_dir = models_dir / "diffusion_models", models_dir / "loras"
+    unet_dir = models_dir / "diffusion_models"
     unet_dir.mkdir(parents=True, exist_ok=True)
-    lora_dir.mkdir(parents=True, exist_ok=True)
     meta = fixture.model(device="meta")
     if not _file_holds(unet_dir / fixture.file, meta, fixture.version):
         log.info("writing the %s fixture to %s", fixture.title, unet_dir)
         save_random_dit(meta, unet_dir / fixture.file, fixture.seed, fixture.version)
-    stamp = models_dir / f".cmlora_{key}_version"
-    digest, loras = _dit_layout(fixture, meta)
-    if not (stamp.exists() and stamp.read_text().strip() == digest
-            and all((lora_dir / f"test_{stem}.safetensors").exists() for stem in fixture.loras)):
-        _write_dit_loras(fixture, loras, lora_dir, lambda stem: f"test_{stem}.safetensors")
-        stamp.write_text(digest)
+    _ensure_dit_loras(fixture, meta, models_dir / "loras", models_dir / f".cmlora_{key}_version",
+                      lambda stem: f"test_{stem}.safetensors")
     return fixture
 
 
 def ensure_dit_narrow_loras(models_dir: Path, key: str) -> DiTFixture:
     """The LoRA files of one DiT fixture's narrow twin (its layouts at the twin's widths), if missing."""
     fixture = DIT_FIXTURES[key]
-    lora_dir = models_dir / "loras"
-    lora_dir.mkdir(parents=True, exist_ok=True)
-    stamp = models_dir / f".cmlora_{key}_narrow_version"
-    digest, loras = _dit_layout(fixture, fixture.model(device="meta", narrow=True))
-    if stamp.exists() and stamp.read_text().strip() == digest \
-            and all((lora_dir / fixture.narrow_file(stem)).exists() for stem in fixture.loras):
-        return fixture
-    _write_dit_loras(fixture, loras, lora_dir, fixture.narrow_file)
-    stamp.write_text(digest)
+    _ensure_dit_loras(fixture, fixture.model(device="meta", narrow=True), models_dir / "loras",
+                      models_dir / f".cmlora_{key}_narrow_version", fixture.narrow_file)
     return fixture
 
 
