@@ -212,3 +212,59 @@ def curve_strength(strength: float, strength_end: float, curve: str, position: f
     elif curve != "linear":
         raise ValueError(f"unknown strength curve {curve!r}")
     return strength + (strength_end - strength) * t
+
+
+# ---------------------------------------------------------------- the whole run behind a pass that leaves noise
+
+MAX_STEPS = 1000  # the longest run a split pass is matched against (the host allows 10000; the search costs O(T))
+
+
+def whole_run_totals(points, schedule, names, max_steps: int = MAX_STEPS) -> list[int]:
+    """The step counts T of the runs whose first ``len(points) - 1`` steps are ``points``.
+
+    A pass that stops with noise left (KSamplerAdvanced's ``end_at_step`` with leftover noise, or a
+    split of a scheduler's sigmas) holds the first points of a T-step schedule, and nothing it is given
+    says T. ``schedule(name, T)`` gives the T+1 points of scheduler ``name``; a T is kept when some
+    scheduler's first points equal ``points`` (to float32 rounding) and the run goes on past them.
+    Each scheduler's point k grows with T (more steps, smaller steps): the search doubles T from the
+    pass's length until the pass's last point is reached, bisects, then looks at the neighbours and at
+    the T sharing that point (schedulers that pick from a table of noise levels). ``ddim_uniform``, whose
+    first point moves with T, is found only by chance. Sorted; empty when the pass is the start of no such run.
+    """
+    points = [float(p) for p in points]
+    k = len(points) - 1
+    if k < 1 or points[-1] <= 0 or k >= max_steps:
+        return []
+    found: set[int] = set()
+    for name in names:
+        found.update(_totals_of(points, lambda t, name=name: schedule(name, t), max_steps))
+    return sorted(found)
+
+
+def _totals_of(points: list[float], schedule, max_steps: int) -> list[int]:
+    """``whole_run_totals`` for one scheduler, ``schedule(T)``."""
+    k, target = len(points) - 1, points[-1]
+    runs: dict[int, list[float]] = {}
+
+    def run(t: int) -> list[float]:
+        if t not in runs:
+            runs[t] = [float(v) for v in schedule(t)]
+        return runs[t]
+
+    def reached(t: int) -> bool:  # the run's point k is at or above the pass's last
+        s = run(t)
+        return len(s) > k and (s[k] >= target or same_sigma(s[k], target))
+
+    hi = k + 1  # runs are mostly short: double from the pass's length, then bisect
+    while hi < max_steps and not reached(hi):
+        hi = min(max_steps, 2 * hi)
+    lo = max(k + 1, hi // 2)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reached(mid) else (mid + 1, hi)
+    near = set(range(max(k + 1, lo - 4), min(max_steps, lo + 4) + 1))
+    t = lo + 1
+    while t <= max_steps and len(near) < 64 and len(run(t)) > k and same_sigma(run(t)[k], target):
+        near.add(t)
+        t += 1
+    return [t for t in sorted(near) if len(run(t)) > k + 1 and all(same_sigma(a, b) for a, b in zip(run(t), points))]

@@ -128,9 +128,9 @@ class _Attention:
 class CLoRARuntime(Runtime):
     method = "clora"
     whole_runs_only = True
-    whole_run_fix = ("sample in one pass (KSamplerAdvanced: end_at_step 10000 or return_with_leftover_noise "
-                     "disabled); for a refiner or hires pass after it, feed that pass the model from before the "
-                     "CLoRA Attention Masker.")
+    whole_run_fix = ("sample in one pass, or split a run of one of the host's schedulers (KSamplerAdvanced with "
+                     "the same steps and scheduler in both passes); for a refiner or hires pass after it, feed that "
+                     "pass the model from before the CLoRA Attention Masker.")
 
     def __init__(self, loras, branches: Branches, settings: CLoRASettings, layers, ds_factor: int, node: str = NODE):
         self.branches, self.settings, self.layers = branches, settings, layers
@@ -153,6 +153,7 @@ class CLoRARuntime(Runtime):
         self._latent_shape: tuple | None = None  # the sampler's latent (B, C, H, W), from its noise
         self._prompt_y = None  # ADM rows (SDXL) of the Masker's prompt, from the last call that held it
         self._latest_masks = None  # branch masks of the latest call that held the Masker's prompt
+        self._iterations: dict[int, int] = {}  # latent-update iterations per step of the pass
 
     def on_model_patcher_clone(self):
         twin = super().on_model_patcher_clone()
@@ -204,6 +205,18 @@ class CLoRARuntime(Runtime):
         return out
 
     # ------------------------------------------------------------------ one run
+    def placed(self, noise) -> None:
+        """The pass's latent updates: the whole run's plan (``update_plan``) at the pass's steps. A pass that
+        leaves noise may begin runs of several step counts (``Runtime.totals``); they must plan it alike."""
+        steps = range(self.offset, self.offset + len(noise))
+        plans = {t: tuple(update_plan(t, self.settings.stop_fraction, self.settings.extra_iterations).get(s, 0)
+                          for s in steps) for t in self.totals}
+        if len(set(plans.values())) > 1:
+            raise CMLoRAError(self.node, "model", f"this pass stops with noise left, and its noise levels begin runs of "
+                              f"{' and '.join(map(str, plans))} steps alike, whose latent updates differ on its steps, so "
+                              "its updates are unknown.", "sample in one pass, or end the first pass at another step.")
+        self._iterations = dict(enumerate(next(iter(plans.values()))))
+
     def begin_run(self, model_patcher) -> None:
         self.clora_trace, self._updated, self._grad_params = CLoRATrace(), {}, None
 
@@ -224,7 +237,7 @@ class CLoRARuntime(Runtime):
         return super().sampler_sample(executor, *args, **kwargs)
 
     def model_call(self, executor, call: ModelCall, step: int):
-        points, total = self._sigmas, self.trace.steps
+        points = self._sigmas
         sigma = float(call.options["sigmas"].reshape(-1)[0])
         model_sampling = self.base_model.model_sampling
         chunks = list(call.options.get("cond_or_uncond", [0]))
@@ -236,7 +249,7 @@ class CLoRARuntime(Runtime):
         x_latent = call.x[:b, :c].float() / c_in  # every chunk of a full-size call holds the same latent
         if mine and call.y is not None:
             self._prompt_y = call.y[mine[0] * b:(mine[0] + 1) * b]
-        iterations = update_plan(total, self.settings.stop_fraction, self.settings.extra_iterations).get(step, 0)
+        iterations = self._iterations.get(step, 0)
         x_new = None
         if iterations and self.settings.step_size > 0 and len(self.branches.concept_names) >= 2:
             x_new = self._updated.get(step)

@@ -13,17 +13,28 @@ real model).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 
-from ..cmlora_core.cmlora import OFF, REUSE, SHALLOW, Planner, Schedule, ScheduleMismatch, check_schedule
+from ..cmlora_core.cmlora import OFF, REUSE, SHALLOW, Planner, Schedule, ScheduleMismatch, StepPlan, check_schedule
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.spectrum import batch_score
 from .loras import MappedLora
 from .routed import ModelCall
 from .runtime import RunTrace, Runtime, PatcherEntry
 from .unet_split import capturing, find_split, shallow_forward, shallow_fraction
+
+
+@dataclass
+class _Handoff:
+    """What a pass that left noise hands to the pass continuing it: the planners after its steps and every
+    LoRA's cached features (keyed by the conds' places, which the next pass's conds share)."""
+
+    planners: list
+    deep: dict
+    pred: dict
 
 
 @dataclass
@@ -45,9 +56,10 @@ class CMLoRARuntime(Runtime):
     method = "cmlora"
     trace_type = CMLoRATrace
     whole_runs_only = True
-    whole_run_fix = ("sample in one pass (KSamplerAdvanced: end_at_step 10000 or return_with_leftover_noise "
-                     "disabled), or use method 'switch', 'composite' or 'merge', whose ranges and turns carry over "
-                     "from one pass to the next.")
+    whole_run_fix = ("sample in one pass, or split a run of one of the host's schedulers (KSamplerAdvanced with the "
+                     "same steps and scheduler in both passes), or use method 'switch', 'composite' or 'merge', which "
+                     "need no step count.")
+    handoffs_kept = 2  # a handoff holds every LoRA's cached deep features
 
     def __init__(self, loras: list[MappedLora], node: str, schedule: Schedule | None):
         if schedule is None:
@@ -65,7 +77,7 @@ class CMLoRARuntime(Runtime):
 
     def _reset(self) -> None:
         super()._reset()
-        self._planner: Planner | None = None
+        self._planners: list[Planner] = []  # one per step count the whole run may have (Runtime.totals)
         self._split = None
         self._deep: dict = {}  # (lora, call key) -> deep feature of its last full pass
         self._pred: dict = {}  # (lora, call key) -> its last full prediction (cache "prediction")
@@ -75,25 +87,51 @@ class CMLoRARuntime(Runtime):
             clone.set_model_sampler_post_cfg_function(_ObserveDenoised(self.node))
 
     def begin_run(self, model_patcher) -> None:
-        self._planner, self._deep, self._pred = None, {}, {}
+        self._planners, self._deep, self._pred = [], {}, {}
+
+    def placed(self, noise) -> None:
+        """The planners of the whole run, one per step count it may have: new ones, or those of the pass this
+        one continues (copied: that pass may be continued again) with its caches, told this pass's LoRAs on."""
+        self._check(min(self.totals))
+        on = self.on_sets()
+        if self.handoff is None:
+            self._planners = [Planner(self.schedule, t, None if on is None else list(on)) for t in self.totals]
+            return
+        state: _Handoff = self.handoff.state
+        self._planners = [copy.deepcopy(p) for p in state.planners if p.total in self.totals]
+        for p in self._planners:
+            if on is not None:
+                p.on = p.on + list(on)
+        self._deep, self._pred = dict(state.deep), dict(state.pred)
+
+    def handoff_state(self):
+        return _Handoff(self._planners, self._deep, self._pred)
 
     def end_run(self, out) -> None:
-        if self._planner is not None:
-            self.trace.switched_at = self._planner.switched_at
+        if self._planners:
+            self.trace.switched_at = self._planners[0].switched_at
 
     def cleanup(self) -> None:
         self._deep, self._pred = {}, {}
 
-    def _planner_for(self, total: int) -> Planner:
-        if self._planner is None or self._planner.total != total:
-            self._check(total)
-            self._planner = Planner(self.schedule, total, self.on_sets())
-        return self._planner
+    def _plan(self, step: int) -> StepPlan:
+        """The plan of the pass's ``step`` (the whole run's ``offset + step``), the same for every step count
+        the run may have, or a stop."""
+        at = self.offset + step
+        plans = [p.plan(at) for p in self._planners]
+        plan = plans[0]
+        for other in plans[1:]:
+            if (other.dominant, other.weights, other.passes) != (plan.dominant, plan.weights, plan.passes):
+                totals = " and ".join(str(p.total) for p in self._planners)
+                raise CMLoRAError(self.node, "model", f"this pass stops with noise left, and its noise levels begin "
+                                  f"runs of {totals} steps alike, whose CMLoRA plans differ at step {at}, so the plan of "
+                                  "this pass is unknown.", "sample in one pass, or end the first pass at another step.")
+        return plan
 
     def model_call(self, executor, call: ModelCall, step: int):
         trace = self.trace
-        plan = self._planner_for(trace.steps).plan(step)
-        trace.plans[step] = plan
+        plan = self._plan(step)
+        trace.plans[plan.step] = plan
         if plan.dominant is None:  # no LoRA is on at this step: the base model
             trace.call_rows.append(call.rows)
             return self.finite(call.run(executor), [], step)
@@ -102,7 +140,7 @@ class CMLoRARuntime(Runtime):
             self._split = find_split(executor.class_obj, self.node)
         if cache == "deep" and trace.shallow_fraction is None:
             trace.shallow_fraction = shallow_fraction(self.base_model, self._split, call.x, call.context, call.y)
-        key = (tuple(call.options.get("uuids", [])), call.rows)
+        key = (tuple(self.cond_order.get(u, u) for u in call.options.get("uuids", [])), call.rows)
         full, shallow, reuse = [], [], []
         for i, kind in enumerate(plan.passes):
             if kind == OFF:
@@ -154,9 +192,11 @@ class CMLoRARuntime(Runtime):
     def observe_denoised(self, args):
         """Post-CFG function (online mode): tell the planner how much high frequency x0 still has."""
         denoised = args["denoised"]
-        if self._planner is not None and self._sigmas:
-            step = self.step_of(args["model_options"]["transformer_options"], args["sigma"])
-            self._planner.observe(step, batch_score(denoised.detach().float().cpu()))
+        if self._planners and self._sigmas:
+            step = self.offset + self.step_of(args["model_options"]["transformer_options"], args["sigma"])
+            share = batch_score(denoised.detach().float().cpu())
+            for planner in self._planners:
+                planner.observe(step, share)
         return denoised
 
     # ---------------------------------------------------------------- report

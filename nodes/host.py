@@ -31,6 +31,8 @@ import folder_paths
 import latent_preview
 from comfy_api.latest import ComfyExtension, io, ui  # noqa: F401  (re-exported to the node modules)
 
+from ..cmlora_core.steps import whole_run_totals
+
 WrappersMP = comfy.patcher_extension.WrappersMP
 PatcherInjection = comfy.patcher_extension.PatcherInjection
 LoRAAdapter = comfy.weight_adapter.LoRAAdapter
@@ -427,3 +429,31 @@ def area_box(area: tuple, size: tuple[int, int]) -> tuple[int, int, int, int]:
     d = len(area) // 2
     h, w, y, x = int(area[d - 2]), int(area[d - 1]), int(area[2 * d - 2]), int(area[2 * d - 1])
     return min(size[0] - y, h), min(size[1] - x, w), y, x
+
+
+def cond_order(guider) -> dict:
+    """{uuid: (conds name, index)} of the run's conds: where each cond stands in the sampler's inputs.
+    The host gives every cond a new uuid each run; this place is the same in the next pass of a split run."""
+    return {c["uuid"]: (name, i) for name, conds in (getattr(guider, "conds", None) or {}).items()
+            for i, c in enumerate(conds or []) if isinstance(c, dict) and "uuid" in c}
+
+
+_RUN_TOTALS: dict = {}  # (model sampling's noise levels, pass points) -> whole_run_totals, the latest 16
+
+
+def run_totals(model_sampling, points: list[float]) -> tuple[int, ...]:
+    """The step counts of the host's schedules (every scheduler of its samplers, on this model's noise
+    levels) that begin with the noise levels ``points`` of a pass that leaves noise: see
+    ``steps.whole_run_totals``. Remembered for the latest passes (a workflow queued again costs nothing)."""
+    table = getattr(model_sampling, "sigmas", None)
+    fingerprint = (type(model_sampling).__name__, float(model_sampling.sigma_min), float(model_sampling.sigma_max),
+                   None if table is None else (table.numel(), float(table.reshape(-1)[table.numel() // 2])))
+    key = (fingerprint, tuple(points))
+    if key not in _RUN_TOTALS:
+        names = list(comfy.samplers.SCHEDULER_NAMES)
+        totals = whole_run_totals(points, lambda name, t: comfy.samplers.calculate_sigmas(model_sampling, name, t).tolist(),
+                                  names)
+        while len(_RUN_TOTALS) >= 16:
+            _RUN_TOTALS.pop(next(iter(_RUN_TOTALS)))
+        _RUN_TOTALS[key] = tuple(totals)
+    return _RUN_TOTALS[key]

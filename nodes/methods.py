@@ -29,7 +29,7 @@ import torch
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.regions import MaskShapeError, combine_regions, latent_mask, region_weights
 from ..cmlora_core.routing import Route, Routing, combine_copies
-from ..cmlora_core.steps import SwitchTurns, composite_weights, same_sigma
+from ..cmlora_core.steps import SwitchTurns, composite_weights
 from . import host
 from .cmlora_runtime import CMLoRARuntime
 from .loras import MappedLora
@@ -110,10 +110,6 @@ class SwitchRuntime(Runtime):
         if interval < 1:
             raise CMLoRAError(node, "switch_interval", "must be at least 1.", "set switch_interval to 1 or more.")
         self.interval = interval
-        # where the turns stood when a pass stopped with noise left (KSamplerAdvanced's end_at_step, SplitSigmas):
-        # [(sigma it stopped at, SwitchTurns.state)], shared by the clones of this model, so that the pass that
-        # continues from that noise level continues the turns as one run would
-        self._handoffs: list[tuple[float, tuple]] = []
         super().__init__(loras, node)
 
     def _reset(self) -> None:
@@ -123,6 +119,7 @@ class SwitchRuntime(Runtime):
         self._buffers = host.FoldBuffers()  # the folded weights, reused by every refold of a run
         self._folded: int | None = None
         self._turns: list[int | None] = []
+        self._turn_state: tuple | None = None  # SwitchTurns.state after the pass (handed to a pass continuing it)
 
     def row_factor(self) -> int:
         return 1
@@ -139,15 +136,14 @@ class SwitchRuntime(Runtime):
 
     def placed(self, noise) -> None:
         """The LoRA active at each step of the run (``SwitchTurns`` over the LoRAs on at each step),
-        continuing the turns of a pass that stopped where this one starts."""
-        first, last = self._sigmas[0], self._sigmas[-1]
-        state = next((st for at, st in self._handoffs if same_sigma(first, at)), None)
-        turns = SwitchTurns(self.interval, len(self.loras), state)
+        continuing the turns of the pass this one continues (``Runtime.handoff``)."""
+        turns = SwitchTurns(self.interval, len(self.loras), self.handoff.state if self.handoff else None)
         every = set(range(len(self.loras)))
         self._turns = [turns.take(on_s) for on_s in (self.on_sets() or [every] * len(noise))]
-        if last > 0:  # noise is left: a later pass may continue from here
-            self._handoffs[:] = [h for h in self._handoffs if not same_sigma(h[0], last)][-7:]
-            self._handoffs.append((last, turns.state))
+        self._turn_state = turns.state
+
+    def handoff_state(self):
+        return self._turn_state
 
     def model_call(self, executor, call: ModelCall, step: int):
         k = self._turns[step]

@@ -33,7 +33,7 @@ import torch
 
 from ..cmlora_core.errors import CMLoRAError
 from ..cmlora_core.stack import strength_table
-from ..cmlora_core.steps import NoiseSteps, StepClock, num_steps, same_sigma, step_index
+from ..cmlora_core.steps import MAX_STEPS, NoiseSteps, StepClock, num_steps, same_sigma, step_index
 from . import host
 from .loras import MappedLora
 from .routed import ModelCall, RoutedLoras
@@ -177,20 +177,35 @@ class RunTrace:
     strengths: dict = field(default_factory=dict)  # step -> model strength per LoRA (LoRAs with step ranges)
 
 
+@dataclass
+class Handoff:
+    """Where a pass that stopped with noise left stood (KSamplerAdvanced's ``end_at_step`` with leftover
+    noise, SplitSigmas): the pass that starts from that noise level on a latent of that size continues it."""
+
+    sigma: float  # the noise level the pass stopped at
+    latent_hw: tuple | None
+    done: int  # steps of the whole run sampled so far
+    totals: tuple[int, ...]  # the step counts the whole run may have (methods that plan over it), else ()
+    state: object = None  # the method's own: switch's turns, CMLoRA's planners and caches
+
+
 class Runtime:
     """Per-clone state of one composing method; subclasses give ``model_call`` and ``details``."""
 
     method = ""
     trace_type = RunTrace
-    # a method whose plan needs the whole run's steps (CMLoRA, CLoRA) refuses a pass that leaves noise for
-    # another; the others measure ranges on the noise level and carry on into the next pass
+    # a method whose plan needs the whole run's step count (CMLoRA, CLoRA) finds it for a pass that leaves
+    # noise from the host's schedulers (``host.run_totals``); the others need no count (ranges are measured
+    # on the noise level); every method carries its state on into the next pass through a ``Handoff``
     whole_runs_only = False
     whole_run_fix = ""
+    handoffs_kept = 8  # the latest passes a later pass may continue (several workflows, or one queued again)
 
     def __init__(self, loras: list[MappedLora], node: str):
         self.loras, self.node = loras, node  # node: the node that made this runtime, named in its errors
         self.key = new_key(self.method)
         self.routed = RoutedLoras(loras, node)
+        self._handoffs: list[Handoff] = []  # shared by the clones of this model: the host clones it per run
         self.scheduled = any(ml.entry.scheduled for ml in loras)  # a LoRA has a step range or curve
         self.last_trace: RunTrace | None = None
         self._reset()
@@ -209,6 +224,10 @@ class Runtime:
         self._on_sets: list[set[int]] | None = None  # the LoRAs on per step (ranges, curves)
         self.latent_hw: tuple[int, int] | None = None  # the run's latent height and width
         self.cond_areas: dict = {}  # cond uuid -> its area (the crop the host feeds the model for it)
+        self.cond_order: dict = {}  # cond uuid -> its place in the sampler's inputs (host.cond_order)
+        self.handoff: Handoff | None = None  # the earlier pass this one continues
+        self.offset = 0  # steps of the whole run sampled before this pass
+        self.totals: tuple[int, ...] = ()  # the whole run's possible step counts (whole_runs_only)
 
     def on_model_patcher_clone(self):
         """The host calls this when the patcher is cloned: the clone gets its own runtime."""
@@ -263,6 +282,7 @@ class Runtime:
             out = executor(*args, **kwargs)
             self.trace.status = "finished"
             self.end_run(out)
+            self._hand_off()
             return out
         except BaseException as e:
             self.trace.status = f"stopped ({type(e).__name__})"
@@ -288,14 +308,56 @@ class Runtime:
         self.sampler_name = getattr(getattr(executor.class_obj, "sampler_function", None), "__name__", "")
         self._clock, self._evaluation = StepClock(self.sampler_name), None
         guider, sigmas, noise = host.sampler_sample_args(args, kwargs)
-        if self.whole_runs_only and torch.is_tensor(sigmas) and sigmas.numel() and float(sigmas[-1]) > 0:
-            raise CMLoRAError(self.node, "model", f"method '{self.method}' plans its schedule over one sampler run, "
-                              f"and this pass stops at noise level {float(sigmas[-1]):.3g} with noise left for another "
-                              "pass (KSamplerAdvanced's end_at_step with return_with_leftover_noise, or SplitSigmas), "
-                              "so it cannot know the steps that follow.", self.whole_run_fix)
         self.latent_hw = tuple(noise.shape[-2:]) if torch.is_tensor(noise) else None
         self.cond_areas = host.cond_areas(guider)
+        self.cond_order = host.cond_order(guider)
+        if torch.is_tensor(sigmas) and sigmas.numel() > 1:
+            self._begin_pass(sigmas.reshape(-1).tolist())
         return executor(*args, **kwargs)
+
+    def _begin_pass(self, points: list[float]) -> None:
+        """Before the pass samples: the earlier pass it continues (the one that stopped at its first noise
+        level, on a latent of its size) and, for a method that plans over the whole run, that run's step
+        count — every count that fits (``host.run_totals``); the method checks they plan alike."""
+        first, last, k = points[0], points[-1], len(points) - 1
+        self.handoff = next((h for h in reversed(self._handoffs)
+                             if same_sigma(first, h.sigma) and h.latent_hw == self.latent_hw), None)
+        self.offset = self.handoff.done if self.handoff is not None else 0
+        if not self.whole_runs_only:
+            return
+        if self.handoff is not None:
+            totals = self.handoff.totals
+        elif last > 0:
+            sampling = getattr(self.base_model, "model_sampling", None)
+            totals = host.run_totals(sampling, points) if sampling is not None else ()
+            if not totals:
+                raise CMLoRAError(self.node, "model", f"method '{self.method}' plans over the whole run, and this pass "
+                                  f"stops at noise level {last:.3g} with noise left for another pass; its noise levels "
+                                  f"are not the first steps of a run of any of the host's schedulers (up to {MAX_STEPS} "
+                                  "steps), so the steps that follow are unknown.", self.whole_run_fix)
+        else:
+            totals = (k,)
+        done = self.offset + k
+        self.totals = tuple(t for t in totals if (t > done if last > 0 else t == done))
+        if not self.totals:
+            raise CMLoRAError(self.node, "model", f"this pass continues the pass that stopped at noise level "
+                              f"{first:.3g}, part of a run of {' or '.join(map(str, totals))} steps, but it "
+                              + (f"ends at step {done} of that run." if last <= 0 else f"runs past it ({done} steps)."),
+                              "give every KSamplerAdvanced of the split run the same model, steps and scheduler.")
+
+    def _hand_off(self) -> None:
+        """After a finished pass that left noise: what the pass continuing from there needs."""
+        sigmas = self._sigmas
+        if self._placed_for is None or len(sigmas) < 2 or sigmas[-1] <= 0:
+            return
+        handoff = Handoff(sigmas[-1], self.latent_hw, self.offset + num_steps(sigmas), self.totals,
+                          self.handoff_state())
+        kept = [h for h in self._handoffs if not same_sigma(h.sigma, handoff.sigma)]
+        self._handoffs[:] = kept[max(0, len(kept) - self.handoffs_kept + 1):] + [handoff]
+
+    def handoff_state(self):
+        """The method's state at the end of a pass that left noise (None: it keeps none)."""
+        return None
 
     def evaluation(self, options: dict, sigma) -> None:
         """The sampler evaluates the model at ``sigma``: fix the step of every model call it makes."""
@@ -342,6 +404,8 @@ class Runtime:
         sigmas = self.run_sigmas(sample_sigmas)
         self.noise = (NoiseSteps.of(sigmas, sampling.percent_to_sigma) if sampling is not None
                       else NoiseSteps.even(num_steps(sigmas)))
+        if self.whole_runs_only and not self.totals:  # a call outside the host's sampler wrapper: this pass alone
+            self.totals = (num_steps(sigmas),)
         if self.scheduled:
             self._strengths = strength_table([ml.entry for ml in self.loras], self.noise)
             self._on_sets = [{i for i, v in enumerate(row) if v != 0.0} for row in self._strengths]

@@ -13,7 +13,7 @@ from cmlora_core.errors import CMLoRAError
 from cmlora_core.lora_file import FileCache, classify, guess_base, trigger_from_metadata
 from cmlora_core.routing import DenseDelta, LowRankDelta, RoutedLayer, Routing, combine_copies, repeat_rows
 from cmlora_core.steps import (NoiseSteps, SwitchTurns, composite_weights, curve_strength, step_index, switch_active,
-                               switch_turns)
+                               switch_turns, whole_run_totals)
 from cmlora_core.stack import LoraEntry, LoraStack, require_model_entries
 
 
@@ -378,6 +378,37 @@ def test_a_run_split_in_two_passes_places_its_steps_as_one_run():
         ramp = LoraEntry("a", "/a", strength_model=1.0, start=0.1, end=0.9, curve="smooth", strength_end=0.0)
         split = [ramp.strength_at(i, first) for i in range(cut)] + [ramp.strength_at(i, second) for i in range(20 - cut)]
         assert split == pytest.approx([ramp.strength_at(i, one) for i in range(20)], abs=1e-9)
+
+
+def _geometric(t):  # a schedule falling evenly on log sigma, ending at 0 (as karras or exponential do)
+    return [14.6 * (0.03 / 14.6) ** (i / max(1, t - 1)) for i in range(t)] + [0.0]
+
+
+_TABLE = [14.6 * (0.03 / 14.6) ** (j / 999) for j in range(1000)][::-1]  # a model's 1000 noise levels, rising
+
+
+def _picked(t):  # picks from the table with a stride of 1000 / t (as 'simple' does): many t share points
+    return [_TABLE[-(1 + int(i * 1000 / t))] for i in range(t)] + [0.0]
+
+
+def _linear(t):  # evenly spaced, the last point before 0 left out (as 'sgm_uniform')
+    return [14.6 - (14.6 - 0.03) * i / t for i in range(t)] + [0.0]
+
+
+@pytest.mark.parametrize("total, cut", [(8, 3), (20, 10), (20, 17), (57, 1), (150, 2), (150, 149), (200, 60)])
+def test_the_whole_run_of_a_split_pass_is_every_schedule_it_begins(total, cut):
+    """The step counts found for a pass that stops with noise left are exactly those a scan of every count
+    finds (any scheduler, any count up to the limit, whose first points are the pass's)."""
+    schedules = {"geometric": _geometric, "picked": _picked, "linear": _linear}
+    for name, schedule in schedules.items():
+        points = schedule(total)[:cut + 1]
+        scan = sorted({t for t in range(cut + 1, 301) for other in schedules.values()
+                       if len(other(t)) > cut + 1 and all(abs(a - b) <= 1e-5 * max(1.0, b)
+                                                          for a, b in zip(other(t), points))})
+        found = whole_run_totals(points, lambda n, t: schedules[n](t), list(schedules), max_steps=300)
+        assert found == scan and total in found, (name, found, scan)
+    assert whole_run_totals(_geometric(20)[:6] + [0.5], lambda n, t: _geometric(t), ["g"]) == []  # begins no run
+    assert whole_run_totals(_geometric(20), lambda n, t: _geometric(t), ["g"]) == []  # no noise left
 
 
 def test_even_steps_are_the_previews_schedule():

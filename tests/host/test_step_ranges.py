@@ -10,11 +10,14 @@ import math
 import pytest
 import torch
 
+import comfy.sample
+import comfy.samplers
 import nodes as host_nodes
-from _util import apply, ksample, lora_loader, masks_only, once, stack, stepwise_reference
+from _util import apply, ksample, lora_loader, once, stack, stepwise_reference
 
 from comfyui_cmlora.cmlora_core.errors import CMLoRAError
 from comfyui_cmlora.nodes.apply_nodes import ApplyNode
+from comfyui_cmlora.nodes.clora_nodes import AttentionMasker
 from comfyui_cmlora.nodes.cmlora_nodes import SchedulerNode
 from comfyui_cmlora.nodes.runtime import runtime_of
 
@@ -174,35 +177,73 @@ def _masked_left():
     return m
 
 
-@pytest.mark.parametrize("method", ["merge", "composite", "switch", "regions"])
+@pytest.mark.parametrize("method", ["merge", "composite", "switch", "regions", "cmlora"])
 def test_two_ksampler_advanced_passes_equal_one_run(sd15_narrow, conds, method):
     """A refiner-style split (steps 0-2 with the noise left, then 3-7) samples what one run does: ranges
     and curves are measured on the noise level and switch's turns carry on into the second pass. The
-    cut falls inside A's range and inside a switch turn, so counting steps per pass would differ."""
+    cut falls inside A's range and inside a switch turn, so counting steps per pass would differ. CMLoRA
+    (refresh every 2 steps, low-frequency phase from step 4) finds the run's 8 steps from the first pass's
+    noise levels and hands its planner and deep features on: step 3 runs B shallow around the feature of
+    step 2, and the dominant role moves to the L LoRA at step 4, in the second pass."""
     model = sd15_narrow[0]
     plain_one, plain_two = once(("plain split", 8, 3), lambda: _one_and_two_passes(model, conds))
     own = (plain_one - plain_two).abs().max().item()  # the host's own difference between the two ways
     first = {"lora_name": A, "strength_model": 1.0, "end_at": 0.6}
     if method == "regions":
         first.update(mask=_masked_left(), mask_feather=0)
-    st = stack(first, entry(B, 0.9, start_at=0.2, strength_curve="linear", strength_model_end=0.3))
-    ours_one, ours_two = _one_and_two_passes(patched(model, st, method, interval=2), conds)
+    if method == "cmlora":
+        first.update(category="character")
+    st = stack(first, entry(B, 0.9, start_at=0.2, strength_curve="linear", strength_model_end=0.3,
+                            category="background"))
+    p = patched(model, st, method, interval=2)
+    ours_one, ours_two = _one_and_two_passes(p, conds)
     assert (ours_one - ours_two).abs().max().item() <= own + 1e-4, ((ours_one - ours_two).abs().max(), own)
     assert not torch.allclose(ours_one, plain_one, atol=1e-3)  # the LoRAs did act
-
-
-@pytest.mark.parametrize("method", ["cmlora", "clora"])
-def test_cmlora_and_clora_refuse_a_pass_that_leaves_noise_for_another(sd15_narrow, conds, method):
-    """Their schedules (dominant turns, cache refreshes, latent updates) are planned over one run's steps,
-    which a pass that stops with noise left cannot know: a clear error, and the model as it was."""
-    model, clip, _ = sd15_narrow
     if method == "cmlora":
-        p, run_conds = patched(model, stack(entry(A), entry(B, 0.8)), "cmlora"), conds
-    else:
-        p, positive = masks_only(model, clip, A, B)
-        run_conds = (positive, conds[1])
+        second = runtime_of(p).last_trace  # the second pass: steps 3-7 of the run
+        assert sorted(second.plans) == list(range(3, 8))
+        assert second.plans[3].passes == ["full", "shallow"] and [second.plans[s].dominant for s in (3, 4)] == [0, 1]
+
+
+def test_clora_two_passes_equal_one_run(sd15_narrow, conds):
+    """CLoRA's latent updates belong to the whole run's steps (steps 0-4 of 10, one extra iteration at
+    steps 0, 1 and 2): split at step 4, the second pass updates its first step once, as one run does."""
+    model, clip, _ = sd15_narrow
+    st = stack({"lora_name": A, "category": "character", "concept": "cat"},
+               {"lora_name": B, "category": "object", "concept": "dog"})
+    p, positive = AttentionMasker.execute(model=model, clip=clip, stack=st, prompt="a cat and a dog", temperature=0.5,
+                                          step_size=5.0, stop_fraction=0.5, extra_iterations=1, mask_threshold=0.4,
+                                          attention="conditional", style_scope="global").args
+    run_conds = (positive, conds[1])
+    plain_one, plain_two = once(("plain split", 10, 4), lambda: _one_and_two_passes(model, conds, 10, 4))
+    own = (plain_one - plain_two).abs().max().item()
+    one, two = _one_and_two_passes(p, run_conds, 10, 4)
+    assert (one - two).abs().max().item() <= own + 1e-4, ((one - two).abs().max(), own)
+    runs = runtime_of(p).runs
+    assert [sorted(r.losses) for r in runs[-2:]] == [[0, 1, 2, 3], [0]]  # the second pass's step 0 is step 4
+    assert [len(v) for v in runs[-2].losses.values()] == [2, 2, 2, 1] and len(runs[-1].losses[0]) == 1
+
+
+def test_cmlora_and_clora_refuse_a_pass_whose_run_is_unknown(sd15_narrow, conds):
+    """A pass that leaves noise is planned as part of the runs it can begin: none (a hand-made schedule) or
+    several that plan it differently (8 steps of the normal scheduler begin like 7 of sgm_uniform, and
+    CLoRA's extra iterations fall on step 2 of 8 but step 1 of 7) is a clear error, and the model as it was."""
+    model, clip, _ = sd15_narrow
+    cm = patched(model, stack(entry(A), entry(B, 0.8)), "cmlora")
+    cl, positive = AttentionMasker.execute(model=model, clip=clip, stack=stack(
+        {"lora_name": A, "category": "character", "concept": "cat"},
+        {"lora_name": B, "category": "object", "concept": "dog"}), prompt="a cat and a dog", temperature=0.5,
+        step_size=5.0, stop_fraction=0.5, extra_iterations=1, mask_threshold=0.4, attention="conditional",
+        style_scope="global").args
     before = once(("base advanced", 8), lambda: _advanced(model, conds, 8, 0, 10000, False)["samples"])
+    sigmas = torch.tensor([14.6, 6.0, 2.5, 1.1])  # no scheduler of the host begins so
+    lat = torch.zeros(1, 4, 8, 8)
+    for p, (pos, neg) in ((cm, conds), (cl, (positive, conds[1]))):
+        with pytest.raises(CMLoRAError) as e:
+            comfy.sample.sample_custom(p, comfy.sample.prepare_noise(lat, 5), 5.0, comfy.samplers.sampler_object("euler"),
+                                       sigmas, pos, neg, lat, seed=5)
+        assert "not the first steps of a run" in str(e.value) and "KSamplerAdvanced" in str(e.value)
     with pytest.raises(CMLoRAError) as e:
-        _advanced(p, run_conds, 8, 0, 3, True)
-    assert "noise left" in str(e.value) and "one sampler run" in str(e.value)
+        _advanced(cl, (positive, conds[1]), 8, 0, 3, True)
+    assert "runs of 7 and 8 steps" in str(e.value) and "another step" in str(e.value)
     assert torch.allclose(_advanced(model, conds, 8, 0, 10000, False)["samples"], before, atol=1e-6)
