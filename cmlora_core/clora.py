@@ -73,14 +73,21 @@ def x_space_step(eta: float, sigma: float) -> float:
     return eta * (1.0 + sigma * sigma)
 
 
-def euler_correction(x: torch.Tensor, x_new: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-    """What to add to an eps prediction made at ``x_new`` so that an Euler step taken from
-    ``x`` lands where an Euler step from ``x_new`` lands: (x_new - x) / (sigma_next - sigma).
+def euler_correction(x: torch.Tensor, x_new: torch.Tensor, sigma: float, sigma_next: float,
+                     keep: float = 1.0, gain: float | None = None) -> torch.Tensor:
+    """What to add to the model's output, predicted at ``x_new``, so that the host's Euler step taken from
+    ``x`` lands where an Euler step from ``x_new`` lands.
 
-    The sampler keeps its own x; the model can only answer. With this correction the host's
-    Euler (and DDIM, which ComfyUI runs as Euler) continues from the updated latent exactly.
+    The sampler keeps its own x; the model can only answer. The host turns an output into the denoised
+    image affinely, D = keep * x + gain * output, always with its own x: epsilon prediction has keep 1 and
+    gain -sigma, v-prediction keep 1 / (1 + sigma^2) and gain -sigma / sqrt(1 + sigma^2). Euler steps by
+    (x - D) / sigma * h, h = sigma_next - sigma; equating the two steps gives
+    (x - x_new) * (1 + (1 - keep) * h / sigma) * sigma / (gain * h), which for epsilon prediction (the
+    default) is (x_new - x) / h. The host's DDIM runs as Euler, so it continues exactly too.
     """
-    return (x_new - x) / (sigma_next - sigma)
+    h = sigma_next - sigma
+    gain = -sigma if gain is None else gain
+    return (x - x_new) * ((1.0 + (1.0 - keep) * h / sigma) * sigma / (gain * h))
 
 
 def concept_masks(maps: list[torch.Tensor], threshold: float) -> torch.Tensor:

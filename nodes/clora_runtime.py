@@ -268,7 +268,8 @@ class CLoRARuntime(Runtime):
             call = call.replaced(x=x)
         out, masks = self._branch_forward(executor, call, chunks, mine, b, step)
         if x_new is not None and step + 1 < len(points):
-            corr = euler_correction(x_latent, x_new, sigma, points[step + 1]).to(out.dtype)
+            keep, gain = host.denoised_affine(model_sampling, sigma)
+            corr = euler_correction(x_latent, x_new, sigma, points[step + 1], keep, gain).to(out.dtype)
             out = out + corr.repeat(len(chunks), *([1] * (out.ndim - 1)))
         return out
 
@@ -420,8 +421,10 @@ class CLoRARuntime(Runtime):
                               f"contrastive latent updates are exact only with the euler and ddim samplers; this run "
                               f"uses {self.sampler_name.replace('sample_', '')}.",
                               "sample with euler or ddim, or set step_size to 0 to use the masks without updates.")
-        if not host.is_eps_model(self.base_model):
-            raise CMLoRAError(self.node, "step_size", "latent updates need an epsilon-prediction model.",
+        keep, gain = host.denoised_affine(self.base_model.model_sampling, 1.0)
+        if not (math.isfinite(keep) and math.isfinite(gain)) or gain == 0:
+            raise CMLoRAError(self.node, "step_size", "this model's prediction type does not let the sampler follow "
+                              "an updated latent (its denoised image does not depend on the prediction).",
                               "set step_size to 0 for this model.")
 
     def _plain_params(self, unet) -> dict:

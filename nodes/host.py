@@ -337,10 +337,17 @@ def original_weights(model_patcher, keys: list[str]) -> dict:
     return out
 
 
-def is_eps_model(base_model) -> bool:
-    import comfy.model_base
-
-    return getattr(base_model, "model_type", None) == comfy.model_base.ModelType.EPS
+def denoised_affine(model_sampling, sigma: float) -> tuple[float, float]:
+    """(keep, gain) with the host's denoised image = keep * x + gain * output at noise level ``sigma``: its
+    ``calculate_denoised`` is affine in the sampler's x and the model's output for every prediction type
+    (epsilon: 1 and -sigma; v: 1 / (1 + sigma^2) and -sigma / sqrt(1 + sigma^2)), measured on one element.
+    Read from the model's sampling as the run has it, so the host's ModelSamplingDiscrete node counts."""
+    s = torch.tensor([float(sigma)])
+    zero, one = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    base = model_sampling.calculate_denoised(s, zero, zero)
+    keep = model_sampling.calculate_denoised(s, zero, one) - base
+    gain = model_sampling.calculate_denoised(s, one, zero) - base
+    return float(keep.reshape(-1)[0]), float(gain.reshape(-1)[0])
 
 
 def tokens_of(clip, text: str) -> list[int]:

@@ -266,6 +266,26 @@ def test_euler_correction_makes_euler_continue_from_the_new_latent():
     assert torch.allclose(from_x, x_new + eps * (sigma_next - sigma), atol=1e-6)
 
 
+def test_euler_correction_for_v_prediction():
+    """A v-prediction model: the host's denoised image is x / (1 + s^2) - v * s / sqrt(1 + s^2) with the
+    sampler's own x; corrected, its Euler step from x lands where the step from the updated latent does."""
+    torch.manual_seed(1)
+    x, x_new, v = torch.randn(3), torch.randn(3), torch.randn(3)
+    sigma, sigma_next = 3.0, 2.0
+
+    def denoised(latent, out):
+        return latent / (1 + sigma ** 2) - out * sigma / math.sqrt(1 + sigma ** 2)
+
+    def euler(latent, d):
+        return latent + (latent - d) / sigma * (sigma_next - sigma)
+
+    keep, gain = 1 / (1 + sigma ** 2), -sigma / math.sqrt(1 + sigma ** 2)
+    corrected = v + euler_correction(x, x_new, sigma, sigma_next, keep, gain)
+    assert torch.allclose(euler(x, denoised(x, corrected)), euler(x_new, denoised(x_new, v)), atol=1e-6)
+    plain = v + euler_correction(x, x_new, sigma, sigma_next)  # epsilon's correction misses here
+    assert not torch.allclose(euler(x, denoised(x, plain)), euler(x_new, denoised(x_new, v)), atol=1e-2)
+
+
 def test_token_positions_and_masks():
     assert token_positions([1, 5, 6, 7, 5, 6], [5, 6]) == [1, 2]
     assert token_positions([1, 2], [3]) == []

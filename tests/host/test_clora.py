@@ -154,20 +154,26 @@ def _reference_euler(unet, weights, model_sampling, contexts, concept_tokens, pl
     return sample
 
 
-@pytest.mark.parametrize("sampler", ["euler", "ddim"])
-def test_latent_update_changes_the_trajectory_exactly(sd15_narrow, sampler):
+@pytest.mark.parametrize("sampler, prediction", [("euler", "eps"), ("ddim", "eps"), ("euler", "v_prediction")])
+def test_latent_update_changes_the_trajectory_exactly(sd15_narrow, sampler, prediction):
     """The sampler follows the updated latents: against a reference loop that moves the latent itself,
     from the host's LoraLoader merges and a hand-written attention (the branches' prompts and concept
-    tokens are the Masker's, read from its runtime)."""
+    tokens are the Masker's, read from its runtime). Also on the model made a v-prediction one by the
+    host's ModelSamplingDiscrete node (the way v-prediction checkpoints are sampled): the host turns a
+    v output into the denoised image with its own latent, so the correction differs from epsilon's."""
     from comfy_extras import nodes_custom_sampler as cs
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
     import comfy.samplers as samplers
     from comfyui_cmlora.cmlora_core.clora import update_plan
 
     neg = negative(sd15_narrow)
     steps = 4
-    model, positive = masker(sd15_narrow, extra_iterations=1)
+    models = sd15_narrow
+    if prediction != "eps":
+        models = (ModelSamplingDiscrete().patch(sd15_narrow[0], prediction, False)[0], *sd15_narrow[1:])
+    model, positive = masker(models, extra_iterations=1)
     ours = ksample(model, (positive, neg), steps=steps, sampler=sampler, seed=5)
-    ref_model, _ = masker(sd15_narrow, extra_iterations=1, step_size=0.0)  # the same forward, no updates
+    ref_model, _ = masker(models, extra_iterations=1, step_size=0.0)  # the same forward, no updates
     branches = runtime_of(ref_model).branches
     assert len(branches.contexts) == 3  # the base prompt, the cat's, the dog's; the style on every branch
     weights = _branch_weights(sd15_narrow, [[STYLE], [CAT, STYLE], [DOG, STYLE]])
