@@ -3,6 +3,7 @@ model is the host's SD1.5 class at the lab's size; a concept LoRA trains with th
 kohya file loads through the host's LoraLoader and the pack's stack like a downloaded one."""
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -82,3 +83,32 @@ def test_the_lab_trains_a_base_and_a_lora_that_loads_like_a_downloaded_file(sd15
     assert entry.trigger == "sks"
     mapped = map_model_lora(patcher, entry, "test")
     assert mapped.unmapped == [] and mapped.n_mapped == len(adapters.layers)
+
+
+def test_the_lab_trains_its_models_once_per_recipe(sd15, tmp_path):
+    """``lab.train_lab`` writes the base model and one LoRA per concept (a smoke recipe: a few steps),
+    under a folder named by the recipe; the same recipe again finds them and trains nothing; the base
+    file loads back into the lab model; each LoRA carries its concept's trigger word."""
+    from quality import lab
+
+    logs: list[str] = []
+    files = lab.train_lab(lab.SMOKE, sd15[1], tmp_path, log=logs.append)
+    assert files.folder == tmp_path / lab.SMOKE.digest() and files.complete()
+    assert len(list((files.folder / "loras").iterdir())) == len(lab.CONCEPT_NAMES) == 15
+    stamps = {p: p.stat().st_mtime_ns for p in files.folder.rglob("*.safetensors")}
+    again = lab.train_lab(lab.SMOKE, sd15[1], tmp_path, log=logs.append)
+    assert again.folder == files.folder and logs[-1].startswith("lab: trained models found")
+    assert stamps == {p: p.stat().st_mtime_ns for p in files.folder.rglob("*.safetensors")}
+    assert lab.Recipe(seed=1).digest() != lab.Recipe().digest() != lab.SMOKE.digest()
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    base = lab.load_base(files.base)
+    saved = load_file(str(files.base))
+    assert all(torch.equal(v.float(), saved[k].float()) for k, v in base.diffusion_model.state_dict().items())
+    for name in ("orb", "checker"):
+        with safe_open(str(files.lora(name)), "pt") as f:
+            tags = json.loads(f.metadata()["ss_tag_frequency"])
+        assert lab.TRIGGERS[name] in next(iter(tags.values()))
+    assert len(set(lab.TRIGGERS.values())) == 15
