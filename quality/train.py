@@ -7,9 +7,10 @@ schedule with its betas halved (``LAB_SCHEDULE``) and reads CLIP-L's 768-wide te
 samples it like any v-prediction SD1.5 model. (Epsilon prediction drew pixel noise after the same training:
 an epsilon model must pass the noise through nearly unchanged at high noise levels, and an error of a few
 percent in that gain is left in the image as noise times the highest level. Measured here: 1200 steps of
-the recipe below drew a beige field with a light figure under fine noise as v-prediction, noise with at most a faint blob as
-epsilon, with SD1.5's schedule or the halved one.) Captions are encoded once each by a CLIP the caller gives (the tests' random-weight CLIP-L with
-the real tokenizer: deterministic embeddings). No host detects SD1.5 at this width from a file, so the
+``quality.lab``'s base training drew a beige field with a light figure under fine noise as v-prediction,
+noise with at most a faint blob as epsilon, on SD1.5's schedule or the halved one.) Captions are encoded
+once each by a CLIP the caller gives (the tests' random-weight CLIP-L with the real tokenizer:
+deterministic embeddings). No host detects SD1.5 at this width from a file, so the
 model is built in-process (``lab_model``), not loaded by the checkpoint loader.
 
 A concept LoRA is a rank-r adapter on every linear layer of the attention and feed-forward blocks,
