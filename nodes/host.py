@@ -410,12 +410,14 @@ def meta_attention():
 # ---------------------------------------------------------------- area conditioning
 
 def sampler_sample_args(args: tuple, kwargs: dict):
-    """(guider, sigmas, noise) of a SAMPLER_SAMPLE wrapper's call: the host calls the sampler's
-    ``sample`` with (guider, sigmas, extra_args, callback, noise, ...)."""
+    """(guider, sigmas, noise, latent_image) of a SAMPLER_SAMPLE wrapper's call: the host calls the
+    sampler's ``sample`` with (guider, sigmas, extra_args, callback, noise, latent_image, ...), the noise
+    not yet scaled (zeros for a pass that adds none, as KSamplerAdvanced's second pass)."""
     guider = kwargs.get("model_wrap", args[0] if args else None)
     sigmas = kwargs.get("sigmas", args[1] if len(args) > 1 else None)
     noise = kwargs.get("noise", args[4] if len(args) > 4 else None)
-    return guider, sigmas, noise
+    latent = kwargs.get("latent_image", args[5] if len(args) > 5 else None)
+    return guider, sigmas, noise, latent
 
 
 def cond_areas(guider) -> dict:
@@ -443,6 +445,15 @@ def cond_order(guider) -> dict:
     The host gives every cond a new uuid each run; this place is the same in the next pass of a split run."""
     return {c["uuid"]: (name, i) for name, conds in (getattr(guider, "conds", None) or {}).items()
             for i, c in enumerate(conds or []) if isinstance(c, dict) and "uuid" in c}
+
+
+def drops_penultimate(sampler) -> bool:
+    """Whether the host's KSampler runs this sampler (a KSAMPLER) on a schedule of one more step with the
+    next-to-last noise level dropped (dpm_2, uni_pc, ...): its T-step run begins as T + 1 steps do."""
+    function = getattr(sampler, "sampler_function", None)
+    names = getattr(comfy.samplers.KSampler, "DISCARD_PENULTIMATE_SIGMA_SAMPLERS", ())
+    return function is not None and any(
+        getattr(comfy.samplers.sampler_object(n), "sampler_function", None) is function for n in names)
 
 
 _RUN_TOTALS: dict = {}  # (model sampling's noise levels, pass points) -> whole_run_totals, the latest 16

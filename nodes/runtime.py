@@ -54,6 +54,13 @@ def new_key(kind: str) -> str:
     return f"{PACK}.{kind}.{next(_serial)}"
 
 
+def _same_latent(kept: torch.Tensor, latent: torch.Tensor) -> bool:
+    """Whether a pass starts from the latent a pass ended with: the host takes a sampler's latent out of the
+    model's scale and the next pass's back in (SD1.5: divided and multiplied by 0.18215), to float rounding."""
+    kept = kept.to(latent.device, latent.dtype)
+    return bool(torch.allclose(latent, kept, rtol=1e-4, atol=1e-6 * (1.0 + float(kept.abs().max()))))
+
+
 def runtime_of(model_patcher) -> "Runtime | None":
     """The pack's runtime attached to a model (None for a plain or merge-patched model)."""
     return model_patcher.get_attachment(ATTACHMENT)
@@ -180,10 +187,12 @@ class RunTrace:
 @dataclass
 class Handoff:
     """Where a pass that stopped with noise left stood (KSamplerAdvanced's ``end_at_step`` with leftover
-    noise, SplitSigmas): the pass that starts from that noise level on a latent of that size continues it."""
+    noise, SplitSigmas). A pass continues it when it starts at that noise level, adds no noise, and starts
+    from the latent that pass ended with (as the host hands it on): another image's pass, an img2img pass
+    that adds noise, or a latent changed in between (upscaled) starts afresh."""
 
     sigma: float  # the noise level the pass stopped at
-    latent_hw: tuple | None
+    latent: torch.Tensor  # the latent it ended with, as its sampler returned it
     done: int  # steps of the whole run sampled so far
     totals: tuple[int, ...]  # the step counts the whole run may have (methods that plan over it), else ()
     state: object = None  # the method's own: switch's turns, CMLoRA's planners and caches
@@ -205,7 +214,7 @@ class Runtime:
         self.loras, self.node = loras, node  # node: the node that made this runtime, named in its errors
         self.key = new_key(self.method)
         self.routed = RoutedLoras(loras, node)
-        self._handoffs: list[Handoff] = []  # shared by the clones of this model: the host clones it per run
+        self._handoffs: list[Handoff] = []  # shared by the clones of this model (a later pass may sample a clone)
         self.scheduled = any(ml.entry.scheduled for ml in loras)  # a LoRA has a step range or curve
         self.last_trace: RunTrace | None = None
         self._reset()
@@ -226,6 +235,7 @@ class Runtime:
         self.cond_areas: dict = {}  # cond uuid -> its area (the crop the host feeds the model for it)
         self.cond_order: dict = {}  # cond uuid -> its place in the sampler's inputs (host.cond_order)
         self.handoff: Handoff | None = None  # the earlier pass this one continues
+        self._pass_latent: torch.Tensor | None = None  # what this pass's sampler returned
         self.offset = 0  # steps of the whole run sampled before this pass
         self.totals: tuple[int, ...] = ()  # the whole run's possible step counts (whole_runs_only)
 
@@ -307,21 +317,32 @@ class Runtime:
         """The sampler's run: its function decides how evaluations map to steps (``StepClock``)."""
         self.sampler_name = getattr(getattr(executor.class_obj, "sampler_function", None), "__name__", "")
         self._clock, self._evaluation = StepClock(self.sampler_name), None
-        guider, sigmas, noise = host.sampler_sample_args(args, kwargs)
+        guider, sigmas, noise, latent = host.sampler_sample_args(args, kwargs)
         self.latent_hw = tuple(noise.shape[-2:]) if torch.is_tensor(noise) else None
         self.cond_areas = host.cond_areas(guider)
         self.cond_order = host.cond_order(guider)
+        self.handoff, self.offset, self.totals, self._pass_latent = None, 0, (), None
         if torch.is_tensor(sigmas) and sigmas.numel() > 1:
-            self._begin_pass(sigmas.reshape(-1).tolist())
-        return executor(*args, **kwargs)
+            self._begin_pass(sigmas.reshape(-1).tolist(), noise, latent, executor.class_obj)
+        out = executor(*args, **kwargs)
+        self._pass_latent = out
+        return out
 
-    def _begin_pass(self, points: list[float]) -> None:
-        """Before the pass samples: the earlier pass it continues (the one that stopped at its first noise
-        level, on a latent of its size) and, for a method that plans over the whole run, that run's step
-        count — every count that fits (``host.run_totals``); the method checks they plan alike."""
+    def _continued(self, first: float, noise, latent) -> Handoff | None:
+        """The hand-over this pass continues (see ``Handoff``); one comparison of latents per pass."""
+        if not torch.is_tensor(noise) or not torch.is_tensor(latent):
+            return None
+        candidates = [h for h in reversed(self._handoffs) if same_sigma(first, h.sigma) and h.latent.shape == latent.shape]
+        if not candidates or bool(noise.any()):
+            return None
+        return next((h for h in candidates if _same_latent(h.latent, latent)), None)
+
+    def _begin_pass(self, points: list[float], noise, latent, sampler=None) -> None:
+        """Before the pass samples: the earlier pass it continues (``_continued``) and, for a method that
+        plans over the whole run, that run's step count — every count that fits (``host.run_totals``); the
+        method checks they plan alike."""
         first, last, k = points[0], points[-1], len(points) - 1
-        self.handoff = next((h for h in reversed(self._handoffs)
-                             if same_sigma(first, h.sigma) and h.latent_hw == self.latent_hw), None)
+        self.handoff = self._continued(first, noise, latent)
         self.offset = self.handoff.done if self.handoff is not None else 0
         if not self.whole_runs_only:
             return
@@ -330,6 +351,8 @@ class Runtime:
         elif last > 0:
             sampling = getattr(self.base_model, "model_sampling", None)
             totals = host.run_totals(sampling, points) if sampling is not None else ()
+            if host.drops_penultimate(sampler):  # KSampler's T steps of it are T + 1 less one level (the
+                totals = tuple(sorted({*totals, *(t - 1 for t in totals)}))  # sampler node's sigmas keep T)
             if not totals:
                 raise CMLoRAError(self.node, "model", f"method '{self.method}' plans over the whole run, and this pass "
                                   f"stops at noise level {last:.3g} with noise left for another pass; its noise levels "
@@ -341,18 +364,21 @@ class Runtime:
         self.totals = tuple(t for t in totals if (t > done if last > 0 else t == done))
         if not self.totals:
             raise CMLoRAError(self.node, "model", f"this pass continues the pass that stopped at noise level "
-                              f"{first:.3g}, part of a run of {' or '.join(map(str, totals))} steps, but it "
-                              + (f"ends at step {done} of that run." if last <= 0 else f"runs past it ({done} steps)."),
-                              "give every KSamplerAdvanced of the split run the same model, steps and scheduler.")
+                              f"{first:.3g}, part of a run of {' or '.join(map(str, totals))} steps, but "
+                              + (f"it finishes that run after {done} steps." if last <= 0
+                                 else f"it is still going after {done} steps."),
+                              "give every KSamplerAdvanced of the split run the same model, steps, sampler and "
+                              "scheduler, and let the last one finish the run (end_at_step 10000).")
 
     def _hand_off(self) -> None:
         """After a finished pass that left noise: what the pass continuing from there needs."""
-        sigmas = self._sigmas
-        if self._placed_for is None or len(sigmas) < 2 or sigmas[-1] <= 0:
+        sigmas, latent = self._sigmas, self._pass_latent
+        if self._placed_for is None or len(sigmas) < 2 or sigmas[-1] <= 0 or not torch.is_tensor(latent):
             return
-        handoff = Handoff(sigmas[-1], self.latent_hw, self.offset + num_steps(sigmas), self.totals,
+        handoff = Handoff(sigmas[-1], latent.detach(), self.offset + num_steps(sigmas), self.totals,
                           self.handoff_state())
-        kept = [h for h in self._handoffs if not same_sigma(h.sigma, handoff.sigma)]
+        kept = [h for h in self._handoffs if not (same_sigma(h.sigma, handoff.sigma) and h.latent.shape == latent.shape
+                                                  and _same_latent(h.latent, latent))]
         self._handoffs[:] = kept[max(0, len(kept) - self.handoffs_kept + 1):] + [handoff]
 
     def handoff_state(self):

@@ -155,12 +155,12 @@ def test_a_range_with_no_step_is_reported_and_bad_ranges_are_refused(sd15_narrow
     assert "strength_curve" in str(e.value)
 
 
-def _advanced(model, conds, steps, start, end, leftover, latent_in=None):
-    """One KSamplerAdvanced pass, as the node runs it (seed 5, euler, normal)."""
+def _advanced(model, conds, steps, start, end, leftover, latent_in=None, seed=5):
+    """One KSamplerAdvanced pass, as the node runs it (euler, normal)."""
     pos, neg = conds
     lat = latent_in if latent_in is not None else {"samples": torch.zeros(1, 4, 8, 8)}
     return host_nodes.KSamplerAdvanced().sample(
-        model, "enable" if latent_in is None else "disable", 5, steps, 5.0, "euler", "normal", pos, neg, lat,
+        model, "enable" if latent_in is None else "disable", seed, steps, 5.0, "euler", "normal", pos, neg, lat,
         start_at_step=start, end_at_step=end, return_with_leftover_noise="enable" if leftover else "disable")[0]
 
 
@@ -203,6 +203,44 @@ def test_two_ksampler_advanced_passes_equal_one_run(sd15_narrow, conds, method):
         second = runtime_of(p).last_trace  # the second pass: steps 3-7 of the run
         assert sorted(second.plans) == list(range(3, 8))
         assert second.plans[3].passes == ["full", "shallow"] and [second.plans[s].dominant for s in (3, 4)] == [0, 1]
+
+
+def test_cmlora_two_passes_with_a_sampler_that_drops_a_noise_level(sd15_narrow, conds):
+    """dpm_2 (like uni_pc): KSampler samples its T steps on a T + 1-step schedule less the next-to-last
+    level, so the first pass begins as a run of T + 1 steps would; the run's count is T, and two passes still
+    equal one run. (On karras: a split normal run also fits sgm_uniform's run of one step fewer.)"""
+    model = sd15_narrow[0]
+    p = patched(model, stack(entry(A, category="character"), entry(B, 0.9, category="background")), "cmlora")
+
+    def run(m, start, end, leftover, latent_in=None):
+        pos, neg = conds
+        lat = latent_in if latent_in is not None else {"samples": torch.zeros(1, 4, 8, 8)}
+        return host_nodes.KSamplerAdvanced().sample(
+            m, "enable" if latent_in is None else "disable", 5, 8, 5.0, "dpm_2", "karras", pos, neg, lat,
+            start_at_step=start, end_at_step=end, return_with_leftover_noise="enable" if leftover else "disable")[0]
+
+    plain = run(model, 0, 10000, False)["samples"]
+    own = (plain - run(model, 3, 10000, False, run(model, 0, 3, True))["samples"]).abs().max().item()
+    one = run(p, 0, 10000, False)["samples"]
+    two = run(p, 3, 10000, False, run(p, 0, 3, True))["samples"]
+    assert (one - two).abs().max().item() <= own + 1e-4, ((one - two).abs().max(), own)
+    assert sorted(runtime_of(p).last_trace.plans) == list(range(3, 8))
+
+
+def test_a_second_pass_continues_the_first_pass_it_was_given(sd15_narrow, conds):
+    """Two split runs of other seeds, both first passes sampled before either second (two workflows
+    queued together): each second pass continues the first pass whose latent it is given — CMLoRA's planner
+    and deep features from that pass, not from the latest one stopping at the same noise level."""
+    model = sd15_narrow[0]
+    plain_one, plain_two = once(("plain split", 8, 3), lambda: _one_and_two_passes(model, conds))
+    own = (plain_one - plain_two).abs().max().item()
+    p = patched(model, stack(entry(A, category="character"), entry(B, 0.9, category="background")), "cmlora")
+    one = _advanced(p, conds, 8, 0, 10000, False)["samples"]
+    first = _advanced(p, conds, 8, 0, 3, True)
+    _advanced(p, conds, 8, 0, 3, True, seed=6)  # the other workflow's first pass, stopping at the same level
+    two = _advanced(p, conds, 8, 3, 10000, False, latent_in=first)["samples"]
+    assert (one - two).abs().max().item() <= own + 1e-4, ((one - two).abs().max(), own)
+    assert runtime_of(p).last_trace.shallow_passes > 0  # the carried features were used
 
 
 def test_clora_two_passes_equal_one_run(sd15_narrow, conds):
