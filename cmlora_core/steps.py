@@ -228,8 +228,9 @@ def whole_run_totals(points, schedule, names, max_steps: int = MAX_STEPS) -> lis
     scheduler's first points equal ``points`` (to float32 rounding) and the run goes on past them.
     Each scheduler's point k grows with T (more steps, smaller steps): the search doubles T from the
     pass's length until the pass's last point is reached, bisects, then looks at the neighbours and at
-    the T sharing that point (schedulers that pick from a table of noise levels). ``ddim_uniform``, whose
-    first point moves with T, is found only by chance. Sorted; empty when the pass is the start of no such run.
+    the T sharing that point (schedulers that pick from a table of noise levels; at most 64 of them). Where
+    the point does not grow with T (``ddim_uniform``, whose first point moves with T; ``beta`` past about 140
+    steps) a count may be missed; a run found by none is a clear error for the caller. Sorted; empty when the pass is the start of no such run.
     """
     points = [float(p) for p in points]
     k = len(points) - 1
