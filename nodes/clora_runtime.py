@@ -211,10 +211,11 @@ class CLoRARuntime(Runtime):
         steps = range(self.offset, self.offset + len(noise))
         plans = {t: tuple(update_plan(t, self.settings.stop_fraction, self.settings.extra_iterations).get(s, 0)
                           for s in steps) for t in self.totals}
-        if len(set(plans.values())) > 1:
-            raise CMLoRAError(self.node, "model", f"this pass stops with noise left, and its noise levels begin runs of "
-                              f"{' and '.join(map(str, plans))} steps alike, whose latent updates differ on its steps, so "
-                              "its updates are unknown.", "sample in one pass, or end the first pass at another step.")
+        rows = list(plans.values())
+        for other in rows[1:]:
+            differ = [i for i, (a, b) in enumerate(zip(other, rows[0])) if a != b]
+            if differ:
+                raise self.split_ambiguity("latent updates", self.offset + differ[0])
         self._iterations = dict(enumerate(next(iter(plans.values()))))
 
     def begin_run(self, model_patcher) -> None:

@@ -122,10 +122,7 @@ class CMLoRARuntime(Runtime):
         plan = plans[0]
         for other in plans[1:]:
             if (other.dominant, other.weights, other.passes) != (plan.dominant, plan.weights, plan.passes):
-                totals = " and ".join(str(p.total) for p in self._planners)
-                raise CMLoRAError(self.node, "model", f"this pass stops with noise left, and its noise levels begin "
-                                  f"runs of {totals} steps alike, whose CMLoRA plans differ at step {at}, so the plan of "
-                                  "this pass is unknown.", "sample in one pass, or end the first pass at another step.")
+                raise self.split_ambiguity("CMLoRA plans", at)
         return plan
 
     def model_call(self, executor, call: ModelCall, step: int):

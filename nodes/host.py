@@ -459,10 +459,12 @@ def drops_penultimate(sampler) -> bool:
 _RUN_TOTALS: dict = {}  # (model sampling's noise levels, pass points) -> whole_run_totals, the latest 16
 
 
-def run_totals(model_sampling, points: list[float]) -> tuple[int, ...]:
+def run_totals(model_sampling, points: list[float], sampler=None) -> tuple[int, ...]:
     """The step counts of the host's schedules (every scheduler of its samplers, on this model's noise
     levels) that begin with the noise levels ``points`` of a pass that leaves noise: see
-    ``steps.whole_run_totals``. Remembered for the latest passes (a workflow queued again costs nothing)."""
+    ``steps.whole_run_totals``. Remembered for the latest passes (a workflow queued again costs nothing).
+    For a ``sampler`` that KSampler runs on one step more less the next-to-last level (``drops_penultimate``),
+    a schedule of T + 1 steps is also its run of T (the sampler nodes' own sigmas keep T + 1)."""
     table = getattr(model_sampling, "sigmas", None)
     fingerprint = (type(model_sampling).__name__, float(model_sampling.sigma_min), float(model_sampling.sigma_max),
                    None if table is None else (table.numel(), float(table.reshape(-1)[table.numel() // 2])))
@@ -474,4 +476,5 @@ def run_totals(model_sampling, points: list[float]) -> tuple[int, ...]:
         while len(_RUN_TOTALS) >= 16:
             _RUN_TOTALS.pop(next(iter(_RUN_TOTALS)))
         _RUN_TOTALS[key] = tuple(totals)
-    return _RUN_TOTALS[key]
+    totals = _RUN_TOTALS[key]
+    return tuple(sorted({*totals, *(t - 1 for t in totals)})) if drops_penultimate(sampler) else totals

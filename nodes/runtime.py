@@ -350,9 +350,7 @@ class Runtime:
             totals = self.handoff.totals
         elif last > 0:
             sampling = getattr(self.base_model, "model_sampling", None)
-            totals = host.run_totals(sampling, points) if sampling is not None else ()
-            if host.drops_penultimate(sampler):  # KSampler's T steps of it are T + 1 less one level (the
-                totals = tuple(sorted({*totals, *(t - 1 for t in totals)}))  # sampler node's sigmas keep T)
+            totals = host.run_totals(sampling, points, sampler) if sampling is not None else ()
             if not totals:
                 raise CMLoRAError(self.node, "model", f"method '{self.method}' plans over the whole run, and this pass "
                                   f"stops at noise level {last:.3g} with noise left for another pass; its noise levels "
@@ -369,6 +367,12 @@ class Runtime:
                                  else f"it is still going after {done} steps."),
                               "give every KSamplerAdvanced of the split run the same model, steps, sampler and "
                               "scheduler, and let the last one finish the run (end_at_step 10000).")
+
+    def split_ambiguity(self, what: str, step: int) -> CMLoRAError:
+        """The stop for a pass whose possible runs (``totals``) plan ``what`` differently at ``step``."""
+        return CMLoRAError(self.node, "model", f"this pass stops with noise left, and its noise levels begin runs of "
+                           f"{' and '.join(map(str, self.totals))} steps alike, whose {what} differ at step {step}, so "
+                           "this pass's are unknown.", "sample in one pass, or end the first pass at another step.")
 
     def _hand_off(self) -> None:
         """After a finished pass that left noise: what the pass continuing from there needs."""
