@@ -44,8 +44,21 @@ class Recipe:
     seed: int = 0
 
     def digest(self) -> str:
-        text = json.dumps({"lab": LAB_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        """Names the whole recipe's files (the LoRAs depend on the base, so on every field)."""
+        return _digest(dataclasses.asdict(self))
+
+    def base_digest(self) -> str:
+        """Names the base model's file: only the fields its training reads, so a LoRA recipe change
+        retrains the LoRAs alone."""
+        return _digest({k: getattr(self, k) for k in BASE_FIELDS})
+
+
+BASE_FIELDS = ("base_steps", "batch", "base_lr", "ema", "seed")
+
+
+def _digest(fields: dict) -> str:
+    text = json.dumps({"lab": LAB_VERSION, **fields}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 SMOKE = Recipe(base_steps=3, lora_steps=2, batch=4, lora_batch=4)
@@ -61,11 +74,19 @@ def concept_scene(name: str) -> Callable[[random.Random], Scene]:
 
 @dataclass
 class LabFiles:
-    folder: Path
+    """Where a recipe's models are kept: ``<cache>/<digest>/`` holds its LoRAs and training report, the base
+    model is ``<cache>/base-<base digest>/lab_base.safetensors`` (shared by recipes that differ in LoRAs only)."""
+
+    cache: Path
+    recipe: Recipe
+
+    @property
+    def folder(self) -> Path:
+        return self.cache / self.recipe.digest()
 
     @property
     def base(self) -> Path:
-        return self.folder / "lab_base.safetensors"
+        return self.cache / f"base-{self.recipe.base_digest()}" / "lab_base.safetensors"
 
     def lora(self, name: str) -> Path:
         return self.folder / "loras" / f"lab_{name}.safetensors"
@@ -92,44 +113,62 @@ def train_lab(recipe: Recipe, clip, cache: Path, log: Callable[[str], None] = pr
     """The base model and every concept's LoRA of ``recipe``, trained with ``clip``'s text encoder unless
     ``cache`` already holds them. Returns where the files are; ``training.json`` there holds the losses
     and the minutes each part took."""
-    from safetensors.torch import save_file
-
-    files = LabFiles(cache / recipe.digest())
+    files = LabFiles(cache, recipe)
     if files.complete():
         log(f"lab: trained models found in {files.folder}")
         return files
     files.lora(CONCEPT_NAMES[0]).parent.mkdir(parents=True, exist_ok=True)
+    files.base.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     captions = train.Captions(clip)
-    model = train.lab_model(seed=recipe.seed)
-    started = time.perf_counter()
+    base_report = files.base.parent / "training.json"
+    if files.base.is_file() and base_report.is_file():
+        log(f"lab: base model found in {files.base.parent}")
+        model = load_base(files.base)
+        trained_base = json.loads(base_report.read_text())
+    else:
+        model = train.lab_model(seed=recipe.seed)
+        trained_base = _train_base(model, recipe, captions, files.base, _every(log))
+        base_report.write_text(json.dumps(trained_base, indent=2))
+    lora_started = time.perf_counter()
 
-    def every(what: str, total: int):
-        return lambda step, loss: log(f"lab: {what} step {step + 1}/{total}, loss {loss:.4f}") \
-            if (step + 1) % 100 == 0 or step + 1 == total else None
-
-    base_losses = train.train(model, model.diffusion_model.parameters(), train.concept_sampler(base_scene, {}),
-                              captions, steps=recipe.base_steps, batch=recipe.batch, lr=recipe.base_lr,
-                              seed=recipe.seed, ema=recipe.ema, log=every("base", recipe.base_steps))
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.diffusion_model.state_dict().items()}
-    save_file(state, str(files.base), metadata={"lab_recipe": json.dumps(dataclasses.asdict(recipe))})
-    base_minutes = (time.perf_counter() - started) / 60
-    # the LoRAs learn on the base as the file holds it (fp16 weights), as a user's LoRA trainer would
-    model.diffusion_model.load_state_dict({k: v.float() for k, v in state.items()})
     lora_losses = {}
     for i, name in enumerate(CONCEPT_NAMES):
         adapters = train.LoraAdapters(model, rank=recipe.rank, seed=recipe.seed + 1 + i)
         sample = train.concept_sampler(concept_scene(name), {name: TRIGGERS[name]})
         lora_losses[name] = train.train(model, adapters.parameters(), sample, captions, steps=recipe.lora_steps,
                                         batch=recipe.lora_batch, lr=recipe.lora_lr, seed=recipe.seed + 1 + i,
-                                        log=every(f"LoRA '{name}'", recipe.lora_steps))
+                                        log=_every(log)(f"LoRA '{name}'", recipe.lora_steps))
         adapters.save_kohya(files.lora(name), trigger=TRIGGERS[name], concept=name)
         adapters.remove()
     report = {"recipe": dataclasses.asdict(recipe), "lab_version": LAB_VERSION,
-              "base_minutes": round(base_minutes, 2),
-              "lora_minutes": round((time.perf_counter() - started) / 60 - base_minutes, 2),
-              "base_loss_last_100": sum(base_losses[-100:]) / len(base_losses[-100:]),
+              "base_minutes": trained_base["minutes"], "base_loss_last_100": trained_base["loss_last_100"],
+              "lora_minutes": round((time.perf_counter() - lora_started) / 60, 2),
               "lora_loss_last_50": {n: sum(v[-50:]) / len(v[-50:]) for n, v in lora_losses.items()}}
     files.report.write_text(json.dumps(report, indent=2))
     log(f"lab: trained in {report['base_minutes'] + report['lora_minutes']:.1f} min -> {files.folder}")
     return files
+
+
+def _every(log: Callable[[str], None]):
+    """A training log that reports every 100th step and the last."""
+    def every(what: str, total: int):
+        return lambda step, loss: log(f"lab: {what} step {step + 1}/{total}, loss {loss:.4f}") \
+            if (step + 1) % 100 == 0 or step + 1 == total else None
+    return every
+
+
+def _train_base(model, recipe: Recipe, captions, path: Path, every) -> dict:
+    """Train ``model`` as the recipe's base, write it to ``path`` (fp16, as a downloaded checkpoint) and load
+    those fp16 weights back, so the LoRAs learn on the base as the file holds it. Returns the base's report."""
+    from safetensors.torch import save_file
+
+    started = time.perf_counter()
+    losses = train.train(model, model.diffusion_model.parameters(), train.concept_sampler(base_scene, {}),
+                         captions, steps=recipe.base_steps, batch=recipe.batch, lr=recipe.base_lr,
+                         seed=recipe.seed, ema=recipe.ema, log=every("base", recipe.base_steps))
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.diffusion_model.state_dict().items()}
+    save_file(state, str(path), metadata={"lab_recipe": json.dumps(dataclasses.asdict(recipe))})
+    model.diffusion_model.load_state_dict({k: v.float() for k, v in state.items()})
+    tail = losses[-100:]
+    return {"minutes": round((time.perf_counter() - started) / 60, 2), "loss_last_100": sum(tail) / len(tail)}

@@ -94,6 +94,7 @@ def test_the_lab_trains_its_models_once_per_recipe(sd15, tmp_path):
     logs: list[str] = []
     files = lab.train_lab(lab.SMOKE, sd15[1], tmp_path, log=logs.append)
     assert files.folder == tmp_path / lab.SMOKE.digest() and files.complete()
+    assert files.base.parent == tmp_path / f"base-{lab.SMOKE.base_digest()}"
     assert len(list((files.folder / "loras").iterdir())) == len(lab.CONCEPT_NAMES) == 15
     stamps = {p: p.stat().st_mtime_ns for p in files.folder.rglob("*.safetensors")}
     again = lab.train_lab(lab.SMOKE, sd15[1], tmp_path, log=logs.append)
