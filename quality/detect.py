@@ -20,13 +20,14 @@ any comparison).
 """
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
 import torch.nn.functional as F
 
 from .world import (CATEGORIES, CLOTHING_COLOURS, CONCEPTS, OBJECT_COLOURS, OBJECT_ZONE, STYLE_AMPLITUDE,
-                    background_field, random_scene, render, style_pattern)
+                    Scene, background_field, random_scene, render, style_pattern)
 
 MARGIN = 8  # columns 0..7: background (and style) only
 FOREGROUND = 0.3  # summed absolute difference from the row's background
@@ -110,27 +111,40 @@ def _colour_share(pixels: torch.Tensor, colour) -> float:
     ref = torch.tensor(colour)[:, None]
     return float(((pixels - ref).abs().sum(0) < COLOUR_MATCH).float().mean()) if pixels.shape[1] else 0.0
 
-def detect_clothing(img: torch.Tensor) -> str | None:
+CLOTHING_SHARE = {"red": 0.6, "stripes": 0.25, "dots": 0.12}  # of the body's light pixels, to count as worn
+OBJECT_SHARE = 0.3  # of the object zone's foreground pixels
+
+
+def _clothing_pixels(img: torch.Tensor) -> torch.Tensor:
+    """(3, n): the figure's pixels 2 pixels in from its edge, the dark eyes and antenna left out."""
     body = _figure(img).float()
-    body = -F.max_pool2d(-body[None, None], 5, stride=1, padding=2)[0, 0] > 0  # 2 pixels in from the edge
+    body = -F.max_pool2d(-body[None, None], 5, stride=1, padding=2)[0, 0] > 0
     pixels = img[:, body]
-    pixels = pixels[:, pixels.mean(0) > 0.2]  # the eyes and the antenna are dark
+    return pixels[:, pixels.mean(0) > 0.2]
+
+
+def _object_pixels(img: torch.Tensor) -> torch.Tensor:
+    """(3, n): what differs from the background in the object zone."""
+    fg = foreground(img)
+    fg[:, :OBJECT_ZONE[0] - 1] = False
+    return img[:, fg]
+
+
+def detect_clothing(img: torch.Tensor) -> str | None:
+    pixels = _clothing_pixels(img)
     if pixels.shape[1] < 20:
         return None
     shares = {name: _colour_share(pixels, colour) for name, colour in CLOTHING_COLOURS.items()}
-    need = {"red": 0.6, "stripes": 0.25, "dots": 0.12}
-    found = [n for n in shares if shares[n] >= need[n]]
-    return max(found, key=lambda n: shares[n] / need[n]) if found else None
+    found = [n for n in shares if shares[n] >= CLOTHING_SHARE[n]]
+    return max(found, key=lambda n: shares[n] / CLOTHING_SHARE[n]) if found else None
 
 def detect_object(img: torch.Tensor) -> str | None:
-    fg = foreground(img)
-    fg[:, :OBJECT_ZONE[0] - 1] = False
-    if int(fg.sum()) < 15:
+    pixels = _object_pixels(img)
+    if pixels.shape[1] < 15:
         return None
-    pixels = img[:, fg]
     shares = {name: _colour_share(pixels, colour) for name, colour in OBJECT_COLOURS.items()}
     best = max(shares, key=shares.get)
-    return best if shares[best] > 0.3 else None
+    return best if shares[best] > OBJECT_SHARE else None
 
 DETECTORS = {"character": detect_character, "clothing": detect_clothing, "style": detect_style,
              "background": detect_background, "object": detect_object}
@@ -156,3 +170,44 @@ def validate(count: int = 500, seed: int = 2026) -> dict[str, float]:
     wrong = confusion(count, seed)
     accuracy = {c: 1 - sum(w[0] == c for w in wrong) / count for c in CATEGORIES}
     return {**accuracy, "all": 1 - len({id(w[3]) for w in wrong}) / count}
+
+
+def _background_confidence(img: torch.Tensor, name: str | None) -> float:
+    rows = background_rows(img)
+    dist = {n: float((rows - background_field(n)[:, :, :1]).abs().mean()) for n in [None, *CONCEPTS["background"]]}
+    other = min(d for n, d in dist.items() if n != name)
+    return other / (dist[name] + other) if dist[name] + other > 0 else 0.0
+
+
+def _share(img: torch.Tensor, category: str, name: str) -> float:
+    if category == "clothing":
+        return _colour_share(_clothing_pixels(img), CLOTHING_COLOURS[name])
+    return _colour_share(_object_pixels(img), OBJECT_COLOURS[name])
+
+
+@functools.lru_cache(maxsize=None)
+def _clean_share(category: str, name: str) -> float:
+    """The colour share clean renders of the concept alone show, on average over 16 layouts (a pattern's share
+    of a body varies with where the body stands)."""
+    return sum(_share(render(Scene.of([name], seed=s)), category, name) for s in range(16)) / 16
+
+
+def confidence(img: torch.Tensor, wanted: dict[str, str]) -> float:
+    """A fidelity measure: the mean over the wanted concepts (category -> name) of how clearly the image
+    shows each, each detector's own measure relative to what a clean render measures, clipped to [0, 1]:
+    the style's amplitude over STYLE_AMPLITUDE; the share of the clothing's or the object's colour over a
+    clean render's share; for the background, the distance to the nearest other field over the sum of
+    that and the distance to its own (1 on the field, 0.5 halfway to another). A character is read by
+    shape rules with no margin: 1 when detected, else 0."""
+    values = []
+    for category, name in wanted.items():
+        if category == "style":
+            v = style_scores(img)[name] / STYLE_AMPLITUDE
+        elif category == "background":
+            v = _background_confidence(img, name)
+        elif category in ("clothing", "object"):
+            v = _share(img, category, name) / _clean_share(category, name)
+        else:
+            v = float(detect_character(img) == name)
+        values.append(min(1.0, max(0.0, v)))
+    return sum(values) / len(values) if values else float("nan")

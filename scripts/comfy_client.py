@@ -41,6 +41,13 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
+    @classmethod
+    def at(cls, url: str) -> "Server":
+        """A server already running at ``url`` (started elsewhere; nothing to stop on exit)."""
+        server = cls.__new__(cls)
+        server.url, server.proc = url.rstrip("/"), None
+        return server
+
     def __enter__(self):
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--disable-metadata"]
