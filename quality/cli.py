@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +20,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = REPO / ".cache" / "quality"
+CACHE = Path(os.environ.get("CMLORA_QUALITY_CACHE") or REPO / ".cache" / "quality")
 DEFAULT_OUT = REPO / "quality" / "report"
+KEPT = REPO / "quality" / "models"  # the trained lab kept in the repository for the demo
+# the demo's composition, seed and what its grid shows, from the evaluation this repository's report holds
+DEMO = {"concepts": ["orb", "red", "checker", "dusk", "ball"], "seed": 1,
+        "why": "five LoRAs at once (see quality/report/QUALITY.md for what each method keeps on average)"}
 sys.path.insert(0, str(REPO / "scripts"))
 
 from . import evaluate, lab, report  # noqa: E402
@@ -40,15 +45,18 @@ def import_host(host: Path):
     import comfy.model_management  # noqa: F401
 
 
-def prepare_checkpoint(host: Path) -> Path:
-    """The generated checkpoint whose CLIP-L the lab reads prompts with, in the host's models folder."""
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_fixtures.py"), "--models-dir", str(host / "models")],
-                   check=True, env={**os.environ, "PYTHONPATH": str(host)}, stdout=subprocess.DEVNULL)
-    return host / "models" / "checkpoints" / evaluate.CHECKPOINT
+def prepare_checkpoint(host: Path, models: Path) -> Path:
+    """The generated checkpoint whose CLIP-L the lab reads prompts with, in ``models``/checkpoints (made
+    there by scripts/make_fixtures.py when missing)."""
+    checkpoint = models / "checkpoints" / evaluate.CHECKPOINT
+    if not checkpoint.is_file():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_fixtures.py"), "--models-dir", str(models)],
+                       check=True, env={**os.environ, "PYTHONPATH": str(host)}, stdout=subprocess.DEVNULL)
+    return checkpoint
 
 
-def train(host: Path, recipe: lab.Recipe, log=print) -> lab.LabFiles:
-    checkpoint = prepare_checkpoint(host)
+def train(host: Path, models: Path, recipe: lab.Recipe, log=print) -> lab.LabFiles:
+    checkpoint = prepare_checkpoint(host, models)
     files = lab.LabFiles(CACHE, recipe)
     if files.complete():
         log(f"lab: trained models found in {files.folder}")
@@ -62,15 +70,26 @@ def train(host: Path, recipe: lab.Recipe, log=print) -> lab.LabFiles:
     return lab.train_lab(recipe, clip, CACHE, log=log)
 
 
-def server_config(files: lab.LabFiles, path: Path) -> Path:
-    """An extra-model-paths file that gives a ComfyUI server the lab's nodes, base model and LoRAs (pass
-    it with ``--extra-model-paths-config``; the generated checkpoint goes in its checkpoints folder)."""
+def server_config(files: lab.LabFiles, models: Path, path: Path) -> Path:
+    """An extra-model-paths file that gives a ComfyUI server the lab's nodes, base model, LoRAs and the
+    generated checkpoint (pass it with ``--extra-model-paths-config``)."""
     path.write_text(
         "cmlora_quality_lab:\n"
         f"  custom_nodes: {REPO / 'quality' / 'comfyui'}\n"
+        f"  checkpoints: {models / 'checkpoints'}\n"
         f"  lab_models: {files.base.parent}\n"
         f"  loras: {files.folder / 'loras'}\n")
     return path
+
+
+def save_models(files: lab.LabFiles) -> None:
+    """The trained files into the repository's quality/models (fp16 safetensors, as trained)."""
+    (KEPT / "loras").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(files.base, KEPT / files.base.name)
+    for name in lab.CONCEPT_NAMES:
+        shutil.copyfile(files.lora(name), KEPT / "loras" / files.lora(name).name)
+    (KEPT / "demo.json").write_text(json.dumps({**DEMO, "recipe": dataclasses.asdict(files.recipe)}, indent=1) + "\n")
+    print(f"quality: the trained models are in {KEPT}")
 
 
 def read_compositions(path: Path) -> list[tuple[str, ...]]:
@@ -109,11 +128,16 @@ def check_servers(servers, files: lab.LabFiles) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="quality.sh", description="The quality lab: train, evaluate every method, report.")
     ap.add_argument("--host", type=Path, help="the ComfyUI folder (quality.sh passes the set-up host)")
+    ap.add_argument("--models-dir", type=Path, help="where the generated checkpoint is or goes (default: the "
+                                                    "host's models folder)")
     ap.add_argument("--list", action="store_true", help="print the concept names by category and exit")
     ap.add_argument("--compositions", type=Path, help="JSON list of compositions, each a list of concept names")
     ap.add_argument("--seeds", type=int, help="images per composition and method (default 20; smoke 2)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where QUALITY.md and results.json go ({DEFAULT_OUT})")
     ap.add_argument("--servers", help="comma-separated URLs of running ComfyUI servers to shard the evaluation over")
+    ap.add_argument("--save-models", action="store_true",
+                    help=f"copy the trained base model and LoRAs into {KEPT.relative_to(REPO)} (what the demo's lab "
+                         "grid loads), with the demo's composition")
     ap.add_argument("--smoke", action="store_true", help="the plumbing only: a few training steps, two "
                                                          "compositions, two seeds (what CI runs)")
     args = ap.parse_args(argv)
@@ -132,9 +156,14 @@ def main(argv=None) -> int:
     else:
         chosen = evaluate.compositions(per_size=1 if args.smoke else 3, sizes=(2, 3) if args.smoke else range(2, 6))
     started = time.perf_counter()
-    files = train(args.host, recipe)
+    if args.save_models and args.smoke:
+        raise SystemExit("quality: --save-models keeps the full recipe's models; leave out --smoke")
+    models = args.models_dir or args.host / "models"
+    files = train(args.host, models, recipe)
+    if args.save_models:
+        save_models(files)
     args.out.mkdir(parents=True, exist_ok=True)
-    config = server_config(files, files.folder / "server.yaml")
+    config = server_config(files, models, files.folder / "server.yaml")
     evaluated = time.perf_counter()
     with ExitStack() as stack:
         from comfy_client import Server

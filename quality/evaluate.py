@@ -17,6 +17,7 @@ object zone, backgrounds and styles unmasked).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -147,6 +148,27 @@ def build_prompt(job: Job, settings: Settings) -> dict:
         out = [latent, 0]
     images = add("decode", "VAEDecode", samples=out, vae=[model, 1])
     add("save", "SaveImage", images=[images, 0], filename_prefix=f"lab/{job.key}")
+    return p
+
+
+def compare_prompt(concepts, settings: Settings, methods: str = "base, merge, switch, composite, cmlora",
+                   prefix: str = "lab_compare") -> dict:
+    """The pack's Compare Methods on the lab model: one seed, one labelled grid of ``methods`` (cmlora
+    scheduled from the LoRAs' categories), saved with ``prefix``; the demo's lab picture."""
+    p = build_prompt(Job(tuple(concepts), "merge"), dataclasses.replace(settings, seeds=1))
+    sampling = {k: p["sample"]["inputs"][k] for k in ("seed", "steps", "cfg", "sampler_name", "scheduler")}
+    last = f"lora{len(concepts) - 1}"
+    for node_id in ("sample", "decode", "save"):
+        del p[node_id]
+    p["scheduler"] = {"class_type": "CMLoRA_FrequencyScheduler",
+                      "inputs": {"stack": [last, 0], "mode": "offline", "switch_interval": settings.switch_interval,
+                                 "preview_steps": settings.steps}}
+    p["compare"] = {"class_type": "CMLoRA_CompareMethods",
+                    "inputs": {"model": ["lab", 0], "stack": [last, 0], "positive": ["pos", 0],
+                               "negative": ["neg", 0], "latent_image": ["lab", 2], "vae": ["lab", 1],
+                               "methods": methods, "switch_interval": settings.switch_interval,
+                               "schedule": ["scheduler", 0], **sampling}}
+    p["save"] = {"class_type": "SaveImage", "inputs": {"images": ["compare", 0], "filename_prefix": prefix}}
     return p
 
 

@@ -33,8 +33,8 @@ class Server:
 
     def __init__(self, host_dir: Path, python: str = sys.executable, output_dir: Path | None = None,
                  extra_model_paths: Path | None = None, log_path: Path | None = None,
-                 pytorch_attention: bool = True):
-        self.pytorch_attention = pytorch_attention
+                 pytorch_attention: bool = True, threads: int | None = None):
+        self.pytorch_attention, self.threads = pytorch_attention, threads
         self.host_dir, self.python = Path(host_dir), python
         self.output_dir, self.extra_model_paths, self.log_path = output_dir, extra_model_paths, log_path
         self.port = free_port()
@@ -58,8 +58,11 @@ class Server:
         if self.extra_model_paths:
             cmd += ["--extra-model-paths-config", str(self.extra_model_paths)]
         log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        env = dict(os.environ)
+        if self.threads:  # several servers on one machine: share its cores instead of each taking all
+            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         self.proc = subprocess.Popen(cmd, cwd=self.host_dir, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:

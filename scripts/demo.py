@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+sys.path.insert(0, str(REPO))
 from build_workflows import model_downloads  # noqa: E402
 from comfy_client import Server, output_images, output_texts, ui_to_api  # noqa: E402
 
@@ -62,12 +63,48 @@ def run_workflows(server: Server, names: list[str], out: Path, output_dir: Path)
     return results
 
 
+LAB_MODELS = REPO / "quality" / "models"  # the quality lab's trained model and LoRAs, kept in the repository
+LAB_COMPARE = "Quality lab - methods compared on the trained lab model"
+
+
+def lab_paths(path: Path) -> Path | None:
+    """An extra-model-paths file giving the demo server the lab's nodes, model and LoRAs (None: none kept)."""
+    if not (LAB_MODELS / "lab_base.safetensors").is_file():
+        return None
+    path.write_text("cmlora_quality_lab:\n"
+                    f"  custom_nodes: {REPO / 'quality' / 'comfyui'}\n"
+                    f"  lab_models: {LAB_MODELS}\n"
+                    f"  loras: {LAB_MODELS / 'loras'}\n")
+    return path
+
+
+def run_lab_compare(server: Server, out: Path, output_dir: Path) -> dict:
+    """Compare Methods on the lab's trained model: pictures of a world the model learned, not noise."""
+    from quality import evaluate
+
+    composition = json.loads((LAB_MODELS / "demo.json").read_text())
+    settings = evaluate.Settings(seed=composition["seed"])
+    prompt = evaluate.with_defaults(evaluate.compare_prompt(composition["concepts"], settings, prefix="lab_compare"),
+                                    server.get("/object_info"))
+    started = time.time()
+    entry = server.run(prompt)
+    seconds = time.time() - started
+    images = output_images(entry)
+    if not images:
+        raise RuntimeError(f"{LAB_COMPARE}: the workflow produced no image")
+    dst = out / f"{LAB_COMPARE}.png"
+    shutil.copyfile(output_dir / images[0].get("subfolder", "") / images[0]["filename"], dst)
+    return {"workflow": LAB_COMPARE, "seconds": seconds, "images": [dst], "report": output_texts(entry),
+            "about": f"prompt '{evaluate.prompt_text(composition['concepts'])}': {composition['why']}"}
+
+
 def write_report(out: Path, results: list[dict], host: Path, version: str) -> Path:
     lines = ["# CMLoRA demo run", "",
              f"ComfyUI {version} at `{host}`, CPU, generated random-weight SD1.5-architecture checkpoint "
              "and LoRAs (so the images show the machinery, not a picture).", ""]
     for r in results:
-        lines += [f"## {r['workflow']}", "", f"- time: {r['seconds']:.1f} s (queued through /prompt)",
+        lines += [f"## {r['workflow']}", "", *([r["about"], ""] if r.get("about") else []),
+                  f"- time: {r['seconds']:.1f} s (queued through /prompt)",
                   *[f"- image: `{p.name}`" for p in r["images"]], ""]
         for text in r["report"]:
             lines += ["```", text, "```", ""]
@@ -88,9 +125,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     prepare_models(args.host)
     comfy_out = args.out / "comfy_output"
-    with Server(args.host, output_dir=comfy_out, log_path=args.out / "comfyui.log") as server:
+    lab = lab_paths(args.out / "lab_paths.yaml") if not args.workflow else None
+    with Server(args.host, output_dir=comfy_out, log_path=args.out / "comfyui.log", extra_model_paths=lab) as server:
         version = server.get("/system_stats")["system"].get("comfyui_version", "?")
         results = run_workflows(server, names, args.out, comfy_out)
+        if lab is not None:
+            results.append(run_lab_compare(server, args.out, comfy_out))
     report = write_report(args.out, results, args.host, version)
     print(f"demo: {len(results)} workflows ran; images and report in {args.out} ({report.name})")
     return 0

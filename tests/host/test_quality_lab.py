@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
+import pytest
 import torch
 
 import comfy.model_management
@@ -14,6 +18,7 @@ import comfy.supported_models
 import make_fixtures as fx
 import nodes as host_nodes
 
+from _host import HOST, REPO
 from _util import stack
 
 from comfyui_cmlora.nodes.loras import map_model_lora
@@ -85,14 +90,24 @@ def test_the_lab_trains_a_base_and_a_lora_that_loads_like_a_downloaded_file(sd15
     assert mapped.unmapped == [] and mapped.n_mapped == len(adapters.layers)
 
 
-def test_the_lab_trains_its_models_once_per_recipe(sd15, tmp_path):
+@pytest.fixture(scope="module")
+def smoke_lab(sd15, tmp_path_factory):
+    """The smoke recipe's models (a few steps of training: the plumbing, not the quality), trained once."""
+    from quality import lab
+
+    cache = tmp_path_factory.mktemp("quality")
+    logs: list[str] = []
+    return lab.train_lab(lab.SMOKE, sd15[1], cache, log=logs.append), cache
+
+
+def test_the_lab_trains_its_models_once_per_recipe(sd15, smoke_lab):
     """``lab.train_lab`` writes the base model and one LoRA per concept (a smoke recipe: a few steps),
     under a folder named by the recipe; the same recipe again finds them and trains nothing; the base
     file loads back into the lab model; each LoRA carries its concept's trigger word."""
     from quality import lab
 
     logs: list[str] = []
-    files = lab.train_lab(lab.SMOKE, sd15[1], tmp_path, log=logs.append)
+    files, tmp_path = smoke_lab
     assert files.folder == tmp_path / lab.SMOKE.digest() and files.complete()
     assert files.base.parent == tmp_path / f"base-{lab.SMOKE.base_digest()}"
     assert len(list((files.folder / "loras").iterdir())) == len(lab.CONCEPT_NAMES) == 15
@@ -113,3 +128,44 @@ def test_the_lab_trains_its_models_once_per_recipe(sd15, tmp_path):
             tags = json.loads(f.metadata()["ss_tag_frequency"])
         assert lab.TRIGGERS[name] in next(iter(tags.values()))
     assert len(set(lab.TRIGGERS.values())) == 15
+
+
+def _quality(out, cache, models_dir, *args):
+    """scripts/quality.sh's command (the host set up by the test session)."""
+    env = {**os.environ, "CMLORA_QUALITY_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-m", "quality.cli", "--host", str(HOST), "--models-dir", str(models_dir),
+                           "--smoke", "--out", str(out), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    (out / "cli.log").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), done.stdout
+
+
+def test_the_lab_evaluates_every_method_on_one_server_or_two_alike(smoke_lab, models_dir, tmp_path):
+    """The smoke evaluation end to end, through the pack's nodes on real ComfyUI servers: every method at
+    N = 2 and 3, the validation and the report written; sharded over two servers started apart, the results
+    equal one server's (times aside)."""
+    from comfy_client import Server
+    from quality import report
+
+    files, cache = smoke_lab
+    one, log = _quality(tmp_path / "one", cache, models_dir)
+    assert "lab: trained models found" in log  # the CLI trains nothing the cache holds
+    assert set(one["methods"]) == {"base", "merge", "switch", "composite", "cmlora", "clora", "regions"}
+    assert all(set(by_n) == {"2", "3"} and all(row["images"] == 2 for row in by_n.values())
+               for by_n in one["methods"].values())
+    assert set(one["validation"]["holds"]) == {"detectors", "each_lora_alone", "base_alone", "merge_loses_concepts"}
+    assert one["validation"]["detectors_on_held_out_renders"]["all"] >= 0.95
+    assert set(one["profile_split"]) == {c for combo in one["compositions"] for c in combo}
+    text = (tmp_path / "one" / "QUALITY.md").read_text()
+    assert "## 1. The lab validates itself" in text and "| regions | 3 |" in text
+    assert (tmp_path / "one" / "recall.png").stat().st_size > 1000
+
+    config = files.folder / "server.yaml"
+    cores = max(1, (os.cpu_count() or 2) // 2)  # two servers on this machine share its cores
+    with Server(HOST, output_dir=tmp_path / "a", extra_model_paths=config, threads=cores) as a, \
+            Server(HOST, output_dir=tmp_path / "b", extra_model_paths=config, threads=cores) as b:
+        two, log = _quality(tmp_path / "two", cache, models_dir, "--servers", f"{a.url},{b.url}")
+    assert report.comparable(two) == report.comparable(one)
+    for server in ("a", "b"):  # each server ran its share of the jobs
+        assert len(list((tmp_path / server / "lab").glob("*.png"))) >= 10
