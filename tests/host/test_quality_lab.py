@@ -141,6 +141,22 @@ def _quality(out, cache, models_dir, *args):
     return json.loads((out / "results.json").read_text()), done.stdout
 
 
+def _demo_grid(server, tmp_path):
+    """The demo's lab picture (scripts/demo.py) on a server given the lab's files: Compare Methods on the
+    lab model, the composition and seed read from the kept models' demo.json."""
+    import demo
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (tmp_path / "demo_out").mkdir()
+    (kept / "demo.json").write_text(json.dumps({"concepts": ["orb", "red", "dusk"], "seed": 3, "why": "a test"}))
+    original, demo.LAB_MODELS = demo.LAB_MODELS, kept
+    try:
+        return demo.run_lab_compare(server, tmp_path / "demo_out", tmp_path / "a")
+    finally:
+        demo.LAB_MODELS = original
+
+
 def test_the_lab_evaluates_every_method_on_one_server_or_two_alike(smoke_lab, models_dir, tmp_path):
     """The smoke evaluation end to end, through the pack's nodes on real ComfyUI servers: every method at
     N = 2 and 3, the validation and the report written; sharded over two servers started apart, the results
@@ -166,6 +182,10 @@ def test_the_lab_evaluates_every_method_on_one_server_or_two_alike(smoke_lab, mo
     with Server(HOST, output_dir=tmp_path / "a", extra_model_paths=config, threads=cores) as a, \
             Server(HOST, output_dir=tmp_path / "b", extra_model_paths=config, threads=cores) as b:
         two, log = _quality(tmp_path / "two", cache, models_dir, "--servers", f"{a.url},{b.url}")
+        grid = _demo_grid(a, tmp_path)
     assert report.comparable(two) == report.comparable(one)
+    assert grid["images"][0].stat().st_size > 1000
+    compared = next(t for t in grid["report"] if "FLOPs" in t)  # Compare Methods' report (the stack nodes' first)
+    assert all(f"{m}:" in compared or f"{m} " in compared for m in ("base", "merge", "switch", "composite", "cmlora")), compared
     for server in ("a", "b"):  # each server ran its share of the jobs
         assert len(list((tmp_path / server / "lab").glob("*.png"))) >= 10
