@@ -256,9 +256,12 @@ def run_jobs(servers: list, jobs: list[Job], settings: Settings, log=print) -> l
             except BaseException as e:  # reported after the other servers stop
                 errors.append(e)
                 return
+            wanted = {concept_category(n): n for n in jobs[i].concepts}
+            whole = sum(all(detect.detect(img)[c] == n for c, n in wanted.items()) for img in results[i].images)
             with lock:
                 done[0] += 1
-                log(f"quality: {done[0]}/{len(jobs)} {jobs[i].key} ({results[i].seconds:.1f} s)")
+                log(f"quality: {done[0]}/{len(jobs)} {jobs[i].key} ({results[i].seconds:.1f} s): every concept in "
+                    f"{whole}/{len(results[i].images)} images")
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(len(servers))]
     for t in threads:
