@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # the quality lab's modules (after the host's: the repo has a nodes/ package)
 from build_workflows import model_downloads  # noqa: E402
 from comfy_client import Server, output_images, output_texts, ui_to_api  # noqa: E402
 

@@ -20,7 +20,7 @@ import torch
 
 _REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:  # the lab's modules, beside this folder in the pack's repository
-    sys.path.insert(0, str(_REPO))
+    sys.path.append(str(_REPO))  # last: the repository's nodes/ must never shadow the host's nodes module
 
 import comfy.model_management  # noqa: E402
 import comfy.model_patcher  # noqa: E402
