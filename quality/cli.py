@@ -73,13 +73,7 @@ def train(host: Path, models: Path, recipe: lab.Recipe, log=print) -> lab.LabFil
 def server_config(files: lab.LabFiles, models: Path, path: Path) -> Path:
     """An extra-model-paths file that gives a ComfyUI server the lab's nodes, base model, LoRAs and the
     generated checkpoint (pass it with ``--extra-model-paths-config``)."""
-    path.write_text(
-        "cmlora_quality_lab:\n"
-        f"  custom_nodes: {REPO / 'quality' / 'comfyui'}\n"
-        f"  checkpoints: {models / 'checkpoints'}\n"
-        f"  lab_models: {files.base.parent}\n"
-        f"  loras: {files.folder / 'loras'}\n")
-    return path
+    return lab.server_paths(path, files.base.parent, files.folder / "loras", models / "checkpoints")
 
 
 def save_models(files: lab.LabFiles) -> None:

@@ -99,6 +99,17 @@ class LabFiles:
         return self.report.is_file() and self.base.is_file() and all(self.lora(n).is_file() for n in CONCEPT_NAMES)
 
 
+def server_paths(path: Path, base_folder: Path, lora_folder: Path, checkpoints: Path | None = None) -> Path:
+    """Write an extra-model-paths file (ComfyUI's ``--extra-model-paths-config``) that gives a server the lab's
+    nodes (``quality/comfyui``), its base model folder, its LoRA folder and, if given, a checkpoints folder."""
+    lines = ["cmlora_quality_lab:", f"  custom_nodes: {Path(__file__).resolve().parent / 'comfyui'}"]
+    if checkpoints is not None:
+        lines.append(f"  checkpoints: {checkpoints}")
+    lines += [f"  lab_models: {base_folder}", f"  loras: {lora_folder}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def load_base(path: Path):
     """The lab's base model (the host's BaseModel, float32) with the weights of a file ``train_lab`` wrote."""
     from safetensors.torch import load_file

@@ -71,11 +71,9 @@ def lab_paths(path: Path) -> Path | None:
     """An extra-model-paths file giving the demo server the lab's nodes, model and LoRAs (None: none kept)."""
     if not (LAB_MODELS / "lab_base.safetensors").is_file():
         return None
-    path.write_text("cmlora_quality_lab:\n"
-                    f"  custom_nodes: {REPO / 'quality' / 'comfyui'}\n"
-                    f"  lab_models: {LAB_MODELS}\n"
-                    f"  loras: {LAB_MODELS / 'loras'}\n")
-    return path
+    from quality import lab
+
+    return lab.server_paths(path, LAB_MODELS, LAB_MODELS / "loras")
 
 
 def run_lab_compare(server: Server, out: Path, output_dir: Path) -> dict:
